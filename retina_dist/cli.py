@@ -1,0 +1,142 @@
+"""``retina-dist``: pack, train, evaluate and verify — or ``run`` for all of it."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from retina_dist.config import Config, ConfigError, load_config, save_config
+from retina_dist.data.manifest import DataError
+
+log = logging.getLogger("retina_dist")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="synthetic", help="preset name (retina_dist/presets) or a YAML file")
+    p.add_argument("--run-dir", help="run folder (default: the preset's run_dir)")
+    p.add_argument("--nproc", type=int, default=1, help="local processes to start through torchrun")
+    p.add_argument("--smoke", action="store_true", help="tiny model, few small images, 2 epochs")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retina-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_args(sub.add_parser("run", help="pack (if needed) -> train -> evaluate -> figures"))
+    _run_args(sub.add_parser("train", help="train (and evaluate) on packed shards"))
+    ev = sub.add_parser("eval", help="exact-once evaluation of a run's latest checkpoint")
+    ev.add_argument("--run-dir", required=True)
+    ev.add_argument("--split", action="append", help="split(s) to evaluate (default: the run's eval.splits)")
+    ev.add_argument("--nproc", type=int, default=1)
+    pk = sub.add_parser("pack", help="pack a dataset into WebDataset shards + manifest.json")
+    pk.add_argument("dataset", help="synthetic | synthetic_oct")
+    pk.add_argument("--out", required=True)
+    pk.add_argument("--n", type=int, default=2000, help="synthetic: number of images")
+    pk.add_argument("--image-size", type=int, default=128, help="synthetic: generated size in pixels")
+    pk.add_argument("--max-side", type=int, default=0, help="shrink images whose longer side exceeds this")
+    pk.add_argument("--shard-size", type=int, default=256)
+    pk.add_argument("--val-frac", type=float, default=0.15)
+    pk.add_argument("--test-frac", type=float, default=0.0)
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--workers", type=int, default=None, help="packing processes (default: all cores)")
+    vf = sub.add_parser("verify", help="re-read every shard and check counts and sha256 against the manifest")
+    vf.add_argument("shards")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    return load_config(args.preset, overrides, smoke=args.smoke)
+
+
+def _pack_for(cfg: Config) -> None:
+    from retina_dist.data.manifest import MANIFEST
+    from retina_dist.data.pack import PackOptions, pack
+    from retina_dist.data.sources import build_source
+
+    if (Path(cfg.data.shards) / MANIFEST).exists():
+        return
+    if not cfg.data.dataset.startswith("synthetic"):
+        raise ConfigError(f"{cfg.data.shards}: not packed; run `retina-dist pack {cfg.data.dataset} --src … "
+                          f"--out {cfg.data.shards}` first")
+    source = build_source(cfg.data.dataset, n=cfg.data.n, image_size=cfg.data.pack_size, seed=cfg.train.seed)
+    pack(source, cfg.data.shards, PackOptions(seed=cfg.train.seed), progress=sys.stderr.isatty())
+
+
+def launch_local(nproc: int, argv: list[str]) -> None:
+    """Start ``nproc`` workers of ``python -m retina_dist <argv>`` through torch's elastic launcher."""
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "retina_dist", *argv]))
+
+
+def _train(cfg: Config, nproc: int) -> int:
+    from retina_dist.dist import discover
+
+    if nproc > 1 and not discover().distributed:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        resolved = Path(cfg.run_dir) / "config.yaml"
+        save_config(cfg, resolved)
+        launch_local(nproc, ["train", "--preset", str(resolved)])
+        return 0
+    from retina_dist.engine.train import EXIT_PREEMPTED, train
+
+    outcome = train(cfg)
+    return EXIT_PREEMPTED if outcome == "preempted" else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    resolved = Path(args.run_dir) / "config.yaml"
+    cfg = load_config(str(resolved))
+    if args.split:
+        cfg.eval.splits = args.split
+    if args.nproc > 1:
+        launch_local(args.nproc, ["eval", "--run-dir", args.run_dir, *[a for s in args.split or [] for a in
+                                                                        ("--split", s)]])
+        return 0
+    from retina_dist.engine.train import Trainer
+
+    trainer = Trainer(cfg)
+    if trainer.ckpt.latest() is None:
+        raise ConfigError(f"{args.run_dir}: no checkpoint to evaluate")
+    for split in cfg.eval.splits:
+        trainer._validate(split)
+    trainer.monitor.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command in ("run", "train"):
+            cfg = _config(args)  # validated before any process starts
+            if args.command == "run":
+                _pack_for(cfg)
+            return _train(cfg, args.nproc)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "pack":
+            from retina_dist.data.pack import PackOptions, pack
+            from retina_dist.data.sources import build_source
+
+            source = build_source(args.dataset, n=args.n, image_size=args.image_size, seed=args.seed)
+            opts = PackOptions(val_frac=args.val_frac, test_frac=args.test_frac, shard_size=args.shard_size,
+                               max_side=args.max_side, seed=args.seed)
+            manifest = pack(source, args.out, opts, workers=args.workers)
+            print(json.dumps({s: {"count": v["count"], "shards": len(v["shards"]), "skipped": len(v["skipped"])}
+                              for s, v in manifest["splits"].items()}))
+            return 0
+        if args.command == "verify":
+            from retina_dist.data.manifest import verify
+
+            print(json.dumps(verify(args.shards)))
+            return 0
+    except (ConfigError, DataError, FileNotFoundError) as err:  # the user's to fix: no traceback
+        log.error("%s", err)
+        return 2
+    return 1

@@ -1,0 +1,168 @@
+"""Typed run configuration: dataclass defaults <- preset YAML <- ``key=value`` overrides.
+
+OmegaConf does the merging and type coercion against the dataclass schema, so an unknown key or a
+value of the wrong type fails here, naming the key, before any process group or data loader starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESETS = Path(__file__).parent / "presets"
+SMOKE = PRESETS / "_smoke.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    shards: str = "shards/synthetic"  # folder holding manifest.json and the tar shards
+    n: int = 2000  # synthetic only: samples to generate when packing
+    pack_size: int = 128  # synthetic: generated size; real datasets: --max-side at pack time
+    image_size: int = 64  # network input size
+    in_chans: int = 3
+    workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 256
+    augment: bool = True
+    train_split: str = "train"
+    val_split: str = "val"
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "convnext_atto"  # any timm model name
+    pretrained: str = ""  # a local .safetensors/.pth file; compute nodes are offline
+    drop_path: float = 0.0
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still computed and checked)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    strategy: str = "ddp"
+    epochs: int = 5
+    batch_size: int = 32  # per rank and micro-step
+    accum_steps: int = 1
+    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler, GPU only)
+    seed: int = 0
+    deterministic: bool = False
+    log_every: int = 10
+    keep_last: int = 2
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs)
+
+    def __post_init__(self) -> None:
+        _choice("train.strategy", self.strategy, ("ddp",))
+        _choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+        for key in ("epochs", "batch_size", "accum_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'train.{key}': must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class EvalConfig:
+    splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated after training
+    batch_size: int = 64
+    every_epochs: int = 1  # validation during training; 0 = only at the end
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+    timeout_s: int = 900
+
+    def __post_init__(self) -> None:
+        _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    progress: str = "auto"  # auto: a bar on a TTY, plain lines otherwise | bar | lines | off
+
+    def __post_init__(self) -> None:
+        _choice("log.progress", self.progress, ("auto", "bar", "lines", "off"))
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def preset_path(preset: str) -> Path:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    path = PRESETS / f"{preset}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PRESETS.glob("*.yaml") if not p.stem.startswith("_"))
+        raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(known)}")
+    return path
+
+
+def load_config(preset: str = "synthetic", overrides: list[str] = (), smoke: bool = False) -> Config:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    layers = [OmegaConf.load(preset_path(preset))]
+    if smoke:
+        layers.append(OmegaConf.load(SMOKE))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *layers, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        return f"unknown config key {key!r} ({msg})"
+    if isinstance(err.__cause__, ConfigError):
+        return str(err.__cause__)
+    return f"config key {key!r}: {msg}"
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from retina_dist.data.manifest import write_text_atomic
+
+    write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

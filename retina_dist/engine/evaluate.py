@@ -1,0 +1,115 @@
+"""Exactly-once evaluation: every sample of a split is forwarded by one rank, once, and counted.
+
+Each rank runs its own shards with no collective inside the loop (ranks may hold different numbers of
+samples; nothing is padded or repeated), on the unwrapped module so no DDP hook waits on another
+rank. One gather at the end unites (key, target, probabilities); rank 0 checks the keys against the
+manifest count and fails loudly on a missing or duplicated sample.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from retina_dist import dist, figures
+from retina_dist.data.manifest import write_json_atomic
+from retina_dist.data.stream import StreamSpec, make_loader
+from retina_dist.engine.batch import Inputs, autocast
+from retina_dist.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+class ExactOnceError(RuntimeError):
+    pass
+
+
+@dataclass
+class Predictions:
+    keys: list[str]
+    target: np.ndarray
+    probs: np.ndarray
+
+
+@torch.no_grad()
+def predict(module: nn.Module, spec: StreamSpec, env: dist.DistEnv, inputs: Inputs, task: Task,
+            workers: int, amp: str = "none") -> Predictions | None:
+    """Predictions for the whole split on rank 0 (None elsewhere)."""
+    was_training = module.training
+    module.eval()
+    keys: list[str] = []
+    targets, probs = [], []
+    for batch in make_loader(spec, env.rank, env.world_size, workers):
+        x, y = inputs(batch)
+        with autocast(inputs.device, amp):
+            logits = module(x)
+        keys += batch["key"]
+        targets.append(y.cpu())
+        probs.append(task.probabilities(logits).cpu())
+    module.train(was_training)
+    local = (keys, _cat(targets), _cat(probs))
+    parts = dist.gather_objects(local)
+    if not env.is_main:
+        return None
+    all_keys = [k for p in parts for k in p[0]]
+    check_exact_once(all_keys, spec.count)
+    return Predictions(all_keys, torch.cat([p[1] for p in parts if len(p[1])]).numpy(),
+                       torch.cat([p[2] for p in parts if len(p[2])]).numpy())
+
+
+def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(ts) if ts else torch.empty(0)
+
+
+def check_exact_once(keys: list[str], expected: int) -> None:
+    dupes = [k for k, n in Counter(keys).items() if n > 1]
+    if dupes or len(keys) != expected:
+        raise ExactOnceError(
+            f"evaluation saw {len(set(keys))} unique keys in {len(keys)} predictions, manifest says {expected}; "
+            f"duplicated: {dupes[:5]}"
+        )
+
+
+def write_predictions(preds: Predictions, task: Task, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    order = np.argsort(preds.keys, kind="stable")
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", *task.target_columns(), *[f"prob_{c}" for c in task.classes]])
+        for i in order:
+            t = preds.target[i]
+            tcols = [int(v) for v in t] if task.multilabel else [int(t)]
+            w.writerow([preds.keys[i], *tcols, *[f"{p:.6f}" for p in preds.probs[i]]])
+
+
+def report(preds: Predictions, task: Task, split: str, run_dir: Path, monitor: Any, step: int) -> dict[str, Any]:
+    """Metrics, predictions CSV and figures for one split (rank 0)."""
+    target = preds.target.astype(int)
+    m = task.metrics(target, preds.probs)
+    write_predictions(preds, task, run_dir / "predictions" / f"{split}.csv")
+    path = run_dir / "metrics.json"
+    allm = json.loads(path.read_text()) if path.exists() else {}
+    allm[split] = {"step": step, **m}
+    write_json_atomic(path, allm)
+    monitor.scalars(split, m, step)
+    fig_dir = run_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    onehot = target if task.multilabel else np.eye(task.num_classes)[target]
+    figs = {"roc": figures.roc(onehot, preds.probs, task.classes, f"ROC — {split}")}
+    if not task.multilabel:
+        cm = np.array(m["confusion_matrix"])
+        figs["confusion"] = figures.confusion(cm, task.classes, False, f"confusion — {split}")
+        figs["confusion_norm"] = figures.confusion(cm, task.classes, True, f"confusion (row-normalised) — {split}")
+    for name, fig in figs.items():
+        fig.savefig(fig_dir / f"{split}_{name}.png")
+        monitor.figure(f"{split}/{name}", fig, step)
+        figures.close(fig)
+    return m

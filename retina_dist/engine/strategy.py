@@ -1,0 +1,78 @@
+"""How a model is wrapped, stepped and saved across processes. The engine talks only to a Strategy."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from retina_dist.dist import DistEnv
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+class DDPStrategy:
+    """Plain DDP (or a lone process): ``no_sync`` on all but the last micro-step, optional GradScaler."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 env: DistEnv, device: torch.device, amp: str) -> None:
+        self.module = model.to(device)
+        self.model: nn.Module = (
+            DDP(self.module, device_ids=[device.index] if device.type == "cuda" else None)
+            if env.distributed else self.module
+        )
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+    @contextlib.contextmanager
+    def accumulating(self, last: bool) -> Iterator[None]:
+        sync = last or not isinstance(self.model, DDP)
+        with contextlib.nullcontext() if sync else self.model.no_sync():
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        """Unscale, clip, step, zero the grads, advance the schedule; returns the pre-clip grad norm."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if self.scaler:  # overflow steps are skipped by the scaler, by design
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif not torch.isfinite(norm):
+            raise NonFiniteError(f"gradient norm is {norm.item()}: the loss diverged (try a lower lr or amp=none)")
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def build_strategy(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   env: DistEnv, device: torch.device, amp: str) -> DDPStrategy:
+    if name == "ddp":
+        return DDPStrategy(model, optimizer, scheduler, env, device, amp)
+    raise ValueError(f"unknown strategy {name!r}")
