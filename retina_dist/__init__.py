@@ -1,4 +1,5 @@
 """retina-dist: distributed training of retinal-disease classifiers on WebDataset shards."""
+
 import os
 
 # albumentations phones home for a version check on import; compute nodes are offline.

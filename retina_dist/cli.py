@@ -1,4 +1,5 @@
 """``retina-dist``: pack, train, evaluate and verify — or ``run`` for all of it."""
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,10 @@ def _pack_for(cfg: Config) -> None:
     if (Path(cfg.data.shards) / MANIFEST).exists():
         return
     if not cfg.data.dataset.startswith("synthetic"):
-        raise ConfigError(f"{cfg.data.shards}: not packed; run `retina-dist pack {cfg.data.dataset} --src … "
-                          f"--out {cfg.data.shards}` first")
+        raise ConfigError(
+            f"{cfg.data.shards}: not packed; run `retina-dist pack {cfg.data.dataset} --src … "
+            f"--out {cfg.data.shards}` first"
+        )
     source = build_source(cfg.data.dataset, n=cfg.data.n, image_size=cfg.data.pack_size, seed=cfg.train.seed)
     pack(source, cfg.data.shards, PackOptions(seed=cfg.train.seed), progress=sys.stderr.isatty())
 
@@ -71,7 +74,11 @@ def launch_local(nproc: int, argv: list[str]) -> None:
     from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "retina_dist", *argv]))
+    run(
+        get_args_parser().parse_args(
+            ["--standalone", f"--nproc-per-node={nproc}", "-m", "retina_dist", *argv]
+        )
+    )
 
 
 def _train(cfg: Config, nproc: int) -> int:
@@ -95,8 +102,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.split:
         cfg.eval.splits = args.split
     if args.nproc > 1:
-        launch_local(args.nproc, ["eval", "--run-dir", args.run_dir, *[a for s in args.split or [] for a in
-                                                                        ("--split", s)]])
+        launch_local(
+            args.nproc,
+            ["eval", "--run-dir", args.run_dir, *[a for s in args.split or [] for a in ("--split", s)]],
+        )
         return 0
     from retina_dist.engine.train import Trainer
 
@@ -125,11 +134,22 @@ def main(argv: list[str] | None = None) -> int:
             from retina_dist.data.sources import build_source
 
             source = build_source(args.dataset, n=args.n, image_size=args.image_size, seed=args.seed)
-            opts = PackOptions(val_frac=args.val_frac, test_frac=args.test_frac, shard_size=args.shard_size,
-                               max_side=args.max_side, seed=args.seed)
+            opts = PackOptions(
+                val_frac=args.val_frac,
+                test_frac=args.test_frac,
+                shard_size=args.shard_size,
+                max_side=args.max_side,
+                seed=args.seed,
+            )
             manifest = pack(source, args.out, opts, workers=args.workers)
-            print(json.dumps({s: {"count": v["count"], "shards": len(v["shards"]), "skipped": len(v["skipped"])}
-                              for s, v in manifest["splits"].items()}))
+            print(
+                json.dumps(
+                    {
+                        s: {"count": v["count"], "shards": len(v["shards"]), "skipped": len(v["skipped"])}
+                        for s, v in manifest["splits"].items()
+                    }
+                )
+            )
             return 0
         if args.command == "verify":
             from retina_dist.data.manifest import verify

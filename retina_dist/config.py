@@ -3,6 +3,7 @@
 OmegaConf does the merging and type coercion against the dataclass schema, so an unknown key or a
 value of the wrong type fails here, naming the key, before any process group or data loader starts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -140,7 +141,9 @@ def load_config(preset: str = "synthetic", overrides: list[str] = (), smoke: boo
     if smoke:
         layers.append(OmegaConf.load(SMOKE))
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), *layers, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(
+            OmegaConf.structured(Config), *layers, OmegaConf.from_dotlist(list(overrides))
+        )
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None

@@ -2,6 +2,7 @@
 
 Nothing else in the package reads RANK / WORLD_SIZE / SLURM_* / MASTER_ADDR.
 """
+
 from __future__ import annotations
 
 import datetime

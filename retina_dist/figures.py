@@ -1,4 +1,5 @@
 """Evaluation pictures: confusion matrices and ROC curves, as matplotlib figures (saved and logged)."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -23,8 +24,15 @@ def confusion(cm: np.ndarray, classes: tuple[str, ...], normalise: bool, title: 
     for i in range(len(classes)):
         for j in range(len(classes)):
             txt = f"{shown[i, j]:.2f}" if normalise else f"{int(cm[i, j])}"
-            ax.text(j, i, txt, ha="center", va="center", color="white" if shown[i, j] > shown.max() / 2 else "black",
-                    fontsize=8)
+            ax.text(
+                j,
+                i,
+                txt,
+                ha="center",
+                va="center",
+                color="white" if shown[i, j] > shown.max() / 2 else "black",
+                fontsize=8,
+            )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig

@@ -1,4 +1,5 @@
 """Metrics on gathered predictions, computed once on rank 0 with scikit-learn."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,13 +31,19 @@ def multiclass(target: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) 
     }
 
 
-def multilabel(target: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], threshold: float = 0.5) -> dict[str, Any]:
+def multilabel(
+    target: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], threshold: float = 0.5
+) -> dict[str, Any]:
     pred = (probs >= threshold).astype(int)
     target = target.astype(int)
     f1 = skm.f1_score(target, pred, average=None, zero_division=0)
     auc = {c: _auroc(target[:, i], probs[:, i]) for i, c in enumerate(classes)}
     defined = [v for v in auc.values() if v is not None]
-    ap = [float(skm.average_precision_score(target[:, i], probs[:, i])) for i in range(len(classes)) if target[:, i].any()]
+    ap = [
+        float(skm.average_precision_score(target[:, i], probs[:, i]))
+        for i in range(len(classes))
+        if target[:, i].any()
+    ]
     return {
         "n": int(len(target)),
         "micro_f1": float(skm.f1_score(target, pred, average="micro", zero_division=0)),

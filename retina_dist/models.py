@@ -1,4 +1,5 @@
 """Model construction from a timm name. Models know nothing of DDP or DeepSpeed."""
+
 from __future__ import annotations
 
 import timm
@@ -10,7 +11,11 @@ from retina_dist.config import ModelConfig
 
 def build_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> nn.Module:
     model = timm.create_model(
-        cfg.name, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_path_rate=cfg.drop_path or None
+        cfg.name,
+        pretrained=False,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        drop_path_rate=cfg.drop_path or None,
     )
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)

@@ -1,4 +1,5 @@
 """What is being learnt: the task owns the loss, the output activation and the metrics."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

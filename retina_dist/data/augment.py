@@ -1,4 +1,5 @@
 """Per-sample augmentation with albumentations (it applies one draw to the image and its lesion mask)."""
+
 from __future__ import annotations
 
 import albumentations as A

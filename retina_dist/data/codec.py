@@ -1,4 +1,5 @@
 """Image bytes <-> arrays. OpenCV decodes JPEG/PNG several times faster than PIL and is already here."""
+
 from __future__ import annotations
 
 import cv2
@@ -26,7 +27,9 @@ def decode(data: bytes, name: str = "") -> np.ndarray:
 def encode(arr: np.ndarray, ext: str, quality: int = 95) -> bytes:
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext in (".jpg", ".jpeg") else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    params = (
+        [cv2.IMWRITE_JPEG_QUALITY, quality] if ext in (".jpg", ".jpeg") else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    )
     ok, buf = cv2.imencode(ext, arr, params)
     if not ok:
         raise ValueError(f"cannot encode an array of shape {arr.shape} as {ext}")

@@ -1,4 +1,5 @@
 """manifest.json: the truth about a packed dataset (shards, counts, hashes, histograms, skips)."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ def split_shards(shards_dir: str | Path, manifest: dict[str, Any], split: str) -
     """(path, sample count) of every shard of ``split``; errors name the missing or empty thing."""
     splits = manifest.get("splits", {})
     if split not in splits:
-        raise DataError(f"{Path(shards_dir) / MANIFEST}: no split {split!r} (has: {', '.join(sorted(splits))})")
+        raise DataError(
+            f"{Path(shards_dir) / MANIFEST}: no split {split!r} (has: {', '.join(sorted(splits))})"
+        )
     info = splits[split]
     if info["count"] == 0:
         raise DataError(f"{Path(shards_dir) / MANIFEST}: split {split!r} is empty (0 samples)")
@@ -73,10 +76,14 @@ def verify(shards_dir: str | Path) -> dict[str, Any]:
                 problems.append(f"{path}: missing")
                 continue
             digest = sha256_file(path)
-            with tarfile.open(path) as tar:
-                keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
             if digest != sh["sha256"]:
                 problems.append(f"{path}: sha256 {digest[:12]}… != manifest {sh['sha256'][:12]}…")
+            try:
+                with tarfile.open(path) as tar:
+                    keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
+            except tarfile.TarError as err:
+                problems.append(f"{path}: not a readable tar ({str(err).splitlines()[0]})")
+                continue
             if len(keys) != sh["count"]:
                 problems.append(f"{path}: {len(keys)} samples != manifest {sh['count']}")
             total += len(keys)

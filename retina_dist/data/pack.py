@@ -5,6 +5,7 @@ Every image is decoded once here (a corrupt one is skipped and recorded, never p
 tar files (fixed mtimes and owners) so a shard's sha256 depends only on its content. Shards are built
 in parallel; a re-run reuses every shard whose file still matches the sha256 recorded for it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -147,7 +148,11 @@ def pack(
     if not items:
         raise ValueError(f"{source.name}: the source lists no samples")
     splits = split_by_patient(items, opts)
-    jobs = [(split, name, its) for split in sorted(splits) for name, its in plan_shards(split, splits[split], opts)]
+    jobs = [
+        (split, name, its)
+        for split in sorted(splits)
+        for name, its in plan_shards(split, splits[split], opts)
+    ]
 
     options = {"source": _describe(source), **asdict(opts)}
     state_path = out / STATE
@@ -157,8 +162,13 @@ def pack(
     todo = [(source, str(out), name, its, opts, split) for split, name, its in jobs if name not in done]
 
     n_proc = min(workers or os.cpu_count() or 1, max(1, len(todo)))
-    bar = tqdm(total=sum(len(j[3]) for j in todo), unit="img", desc=f"pack {source.name}",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(j[3]) for j in todo),
+        unit="img",
+        desc=f"pack {source.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     ctx = mp.get_context("spawn" if n_proc > 1 else None)
     with ctx.Pool(n_proc) if n_proc > 1 else _InlinePool() as pool:
         for res in pool.imap_unordered(write_shard, todo):
@@ -174,7 +184,10 @@ def pack(
 
 def _describe(source: Source) -> dict[str, Any]:
     fields = getattr(source, "__dataclass_fields__", {})
-    return {"name": source.name, **{k: _plain(getattr(source, k)) for k in fields if k not in ("name", "task")}}
+    return {
+        "name": source.name,
+        **{k: _plain(getattr(source, k)) for k in fields if k not in ("name", "task")},
+    }
 
 
 def _plain(v: Any) -> Any:
@@ -182,7 +195,12 @@ def _plain(v: Any) -> Any:
 
 
 def _manifest(source, jobs, done, splits, options) -> dict[str, Any]:
-    out: dict[str, Any] = {"dataset": source.name, "task": source.task.to_dict(), "options": options, "splits": {}}
+    out: dict[str, Any] = {
+        "dataset": source.name,
+        "task": source.task.to_dict(),
+        "options": options,
+        "splits": {},
+    }
     for split in sorted(splits):
         shards = [done[name] for s, name, _ in jobs if s == split]
         hist: Counter[str] = Counter()

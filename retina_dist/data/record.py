@@ -1,4 +1,5 @@
 """The one currency between dataset sources and the packer."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -9,6 +9,7 @@ the consumed samples before decoding them.
 
 Evaluation: shards are dealt round-robin to (rank, worker), each read once, in order, never padded.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,13 @@ def _shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> I
 
 class ShardStream(IterableDataset):
     def __init__(
-        self, spec: StreamSpec, rank: int = 0, world_size: int = 1, epoch: int = 0,
-        num_batches: int = 0, skip_batches: int = 0,
+        self,
+        spec: StreamSpec,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+        num_batches: int = 0,
+        skip_batches: int = 0,
     ) -> None:
         super().__init__()
         self.spec, self.rank, self.world, self.epoch = spec, rank, world_size, epoch
@@ -153,7 +159,11 @@ class ShardStream(IterableDataset):
             meta = json.loads(raw["json"])
             img_name = next(k for k in raw if k.startswith("img."))
             image = decode(raw[img_name], f"{raw['__url__']}:{key}.{img_name}")
-            mask = decode(raw["mask.png"], f"{key}.mask.png") if self.spec.with_masks and "mask.png" in raw else None
+            mask = (
+                decode(raw["mask.png"], f"{key}.mask.png")
+                if self.spec.with_masks and "mask.png" in raw
+                else None
+            )
         except (CorruptImage, StopIteration, KeyError, ValueError) as err:
             self.corrupt += 1
             log.warning("skipping sample %s (%s); %d skipped so far in this worker", key, err, self.corrupt)
@@ -162,7 +172,11 @@ class ShardStream(IterableDataset):
         if aug_seed is not None:
             # Reseeded per sample position, so a resumed epoch augments exactly as the original did.
             self.transform.set_random_seed(
-                int(np.random.SeedSequence([self.spec.seed, self.epoch, self.rank, *aug_seed]).generate_state(1)[0])
+                int(
+                    np.random.SeedSequence([self.spec.seed, self.epoch, self.rank, *aug_seed]).generate_state(
+                        1
+                    )[0]
+                )
             )
         out = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
         return {"key": meta["key"], "label": meta["label"], "image": out["image"], "mask": out.get("mask")}
@@ -190,11 +204,20 @@ def _channels(image: np.ndarray, in_chans: int) -> np.ndarray:
 
 
 def make_loader(
-    spec: StreamSpec, rank: int, world_size: int, workers: int, epoch: int = 0,
-    num_batches: int = 0, skip_batches: int = 0,
+    spec: StreamSpec,
+    rank: int,
+    world_size: int,
+    workers: int,
+    epoch: int = 0,
+    num_batches: int = 0,
+    skip_batches: int = 0,
 ) -> DataLoader:
     ds = ShardStream(spec, rank, world_size, epoch, num_batches, skip_batches)
     return DataLoader(
-        ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if workers else None, persistent_workers=False,
+        ds,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
     )

@@ -5,6 +5,7 @@ packed set is reproducible bit for bit. Smooth fields (illumination, disc, retin
 are vectorised numpy; thin primitives (vessel polylines, lesion dots) go through OpenCV's
 rasteriser, which draws them far faster than any per-pixel distance field would.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -125,7 +126,7 @@ def _vessels(
     for i in range(n):
         cv2.polylines(canvas, [paths[i].astype(np.int32)], False, 120, width + 1, cv2.LINE_AA)
         start = paths[i, fork[i]]
-        bend = turns[i, fork[i]:] + rng.choice([-0.7, 0.7])
+        bend = turns[i, fork[i] :] + rng.choice([-0.7, 0.7])
         branch = start + np.cumsum(np.stack([np.cos(bend), np.sin(bend)], -1) * seg * 0.8, axis=0)
         cv2.polylines(canvas, [branch.astype(np.int32)], False, (100, 100, 100), width, cv2.LINE_AA)
 
@@ -136,7 +137,7 @@ def oct_bscan(rng: np.random.Generator, size: int, label: int) -> SynthImage:
     xs = np.linspace(-1, 1, w, dtype=np.float32)
     ys = np.arange(h, dtype=np.float32)[:, None]
     tilt = rng.normal(0, 0.04) * xs
-    pit = 0.07 * np.exp(-(xs / 0.18) ** 2)
+    pit = 0.07 * np.exp(-((xs / 0.18) ** 2))
     ilm = (0.30 + tilt + pit + rng.normal(0, 0.01)) * h
     rpe = (0.62 + tilt + rng.normal(0, 0.01)) * h
     rpe_lift = np.zeros(w, np.float32)
@@ -144,19 +145,22 @@ def oct_bscan(rng: np.random.Generator, size: int, label: int) -> SynthImage:
     name = OCT_CLASSES[label]
     if name == "CNV":
         c, s = rng.uniform(-0.35, 0.35), rng.uniform(0.1, 0.18)
-        rpe_lift = 0.11 * h * np.exp(-((xs - c) / s) ** 2)
-        thick = 0.05 * h * np.exp(-((xs - c) / (1.5 * s)) ** 2)
+        rpe_lift = 0.11 * h * np.exp(-(((xs - c) / s) ** 2))
+        thick = 0.05 * h * np.exp(-(((xs - c) / (1.5 * s)) ** 2))
     elif name == "DRUSEN":
         for c in rng.uniform(-0.7, 0.7, int(rng.integers(3, 6))):
-            rpe_lift += 0.035 * h * np.exp(-((xs - c) / rng.uniform(0.03, 0.06)) ** 2)
+            rpe_lift += 0.035 * h * np.exp(-(((xs - c) / rng.uniform(0.03, 0.06)) ** 2))
     elif name == "DME":
-        thick = 0.08 * h * np.exp(-(xs / 0.4) ** 2)
+        thick = 0.08 * h * np.exp(-((xs / 0.4) ** 2))
     top = ilm - thick
     rpe_top = rpe - rpe_lift
     depth = (ys - top) / np.maximum(rpe_top - top, 1)  # 0 at the ILM, 1 at the RPE
     # Reflectivity by depth through the retina: NFL bright, plexiform bands, nuclear layers dark.
-    bands = np.interp(depth, [0, 0.08, 0.15, 0.35, 0.45, 0.55, 0.62, 0.9, 1.0],
-                      [0.85, 0.7, 0.45, 0.5, 0.25, 0.55, 0.2, 0.22, 0.6])
+    bands = np.interp(
+        depth,
+        [0, 0.08, 0.15, 0.35, 0.45, 0.55, 0.62, 0.9, 1.0],
+        [0.85, 0.7, 0.45, 0.5, 0.25, 0.55, 0.2, 0.22, 0.6],
+    )
     img = np.where((depth >= 0) & (depth <= 1), bands, 0.04).astype(np.float32)
     rpe_band = np.exp(-(((ys - rpe_top) / (0.018 * h)) ** 2))
     choroid = (ys > rpe_top) * np.exp(-(ys - rpe_top) / (0.25 * h)) * 0.45

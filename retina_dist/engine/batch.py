@@ -1,5 +1,6 @@
 """Moving a loader batch onto the device: uint8 travels through the loader (4x less copying than
 float32) and is normalised on the device."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,14 @@ import torch
 
 
 class Inputs:
-    def __init__(self, mean: list[float], std: list[float], in_chans: int, device: torch.device,
-                 channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        mean: list[float],
+        std: list[float],
+        in_chans: int,
+        device: torch.device,
+        channels_last: bool = False,
+    ) -> None:
         mean_t, std_t = torch.tensor(mean[:in_chans]), torch.tensor(std[:in_chans])
         if in_chans == 1 and len(mean) == 3:
             mean_t, std_t = torch.tensor([sum(mean) / 3]), torch.tensor([sum(std) / 3])

@@ -3,6 +3,7 @@
 A process killed at any instant leaves the previous checkpoint whole and ``latest`` pointing at it;
 resume only ever follows ``latest``, so a half-written file is never read.
 """
+
 from __future__ import annotations
 
 import logging

@@ -5,6 +5,7 @@ samples; nothing is padded or repeated), on the unwrapped module so no DDP hook 
 rank. One gather at the end unites (key, target, probabilities); rank 0 checks the keys against the
 manifest count and fails loudly on a missing or duplicated sample.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,8 +41,15 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(module: nn.Module, spec: StreamSpec, env: dist.DistEnv, inputs: Inputs, task: Task,
-            workers: int, amp: str = "none") -> Predictions | None:
+def predict(
+    module: nn.Module,
+    spec: StreamSpec,
+    env: dist.DistEnv,
+    inputs: Inputs,
+    task: Task,
+    workers: int,
+    amp: str = "none",
+) -> Predictions | None:
     """Predictions for the whole split on rank 0 (None elsewhere)."""
     was_training = module.training
     module.eval()
@@ -61,8 +69,11 @@ def predict(module: nn.Module, spec: StreamSpec, env: dist.DistEnv, inputs: Inpu
         return None
     all_keys = [k for p in parts for k in p[0]]
     check_exact_once(all_keys, spec.count)
-    return Predictions(all_keys, torch.cat([p[1] for p in parts if len(p[1])]).numpy(),
-                       torch.cat([p[2] for p in parts if len(p[2])]).numpy())
+    return Predictions(
+        all_keys,
+        torch.cat([p[1] for p in parts if len(p[1])]).numpy(),
+        torch.cat([p[2] for p in parts if len(p[2])]).numpy(),
+    )
 
 
 def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -73,8 +84,8 @@ def check_exact_once(keys: list[str], expected: int) -> None:
     dupes = [k for k, n in Counter(keys).items() if n > 1]
     if dupes or len(keys) != expected:
         raise ExactOnceError(
-            f"evaluation saw {len(set(keys))} unique keys in {len(keys)} predictions, manifest says {expected}; "
-            f"duplicated: {dupes[:5]}"
+            f"evaluation saw {len(set(keys))} unique keys in {len(keys)} predictions, "
+            f"manifest says {expected}; duplicated: {dupes[:5]}"
         )
 
 
@@ -90,7 +101,9 @@ def write_predictions(preds: Predictions, task: Task, path: Path) -> None:
             w.writerow([preds.keys[i], *tcols, *[f"{p:.6f}" for p in preds.probs[i]]])
 
 
-def report(preds: Predictions, task: Task, split: str, run_dir: Path, monitor: Any, step: int) -> dict[str, Any]:
+def report(
+    preds: Predictions, task: Task, split: str, run_dir: Path, monitor: Any, step: int
+) -> dict[str, Any]:
     """Metrics, predictions CSV and figures for one split (rank 0)."""
     target = preds.target.astype(int)
     m = task.metrics(target, preds.probs)
@@ -107,7 +120,9 @@ def report(preds: Predictions, task: Task, split: str, run_dir: Path, monitor: A
     if not task.multilabel:
         cm = np.array(m["confusion_matrix"])
         figs["confusion"] = figures.confusion(cm, task.classes, False, f"confusion — {split}")
-        figs["confusion_norm"] = figures.confusion(cm, task.classes, True, f"confusion (row-normalised) — {split}")
+        figs["confusion_norm"] = figures.confusion(
+            cm, task.classes, True, f"confusion (row-normalised) — {split}"
+        )
     for name, fig in figs.items():
         fig.savefig(fig_dir / f"{split}_{name}.png")
         monitor.figure(f"{split}/{name}", fig, step)

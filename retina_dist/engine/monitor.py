@@ -2,6 +2,7 @@
 
 Only rank 0 writes; other ranks keep warnings in the shared log stream.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,16 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int,
-                 tensorboard: bool = True, progress: str = "auto", log_every: int = 10) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        is_main: bool,
+        total_steps: int,
+        start_step: int,
+        tensorboard: bool = True,
+        progress: str = "auto",
+        log_every: int = 10,
+    ) -> None:
         self.is_main, self.log_every = is_main, log_every
         self.writer = None
         if is_main and tensorboard:
@@ -44,8 +53,13 @@ class Monitor:
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
         bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
         self.lines = progress == "lines" or (progress == "auto" and not bar)
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not (is_main and bar))
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (is_main and bar),
+        )
         self.total = total_steps
         self._t, self._images, self._t0, self._s0 = time.perf_counter(), 0, time.perf_counter(), start_step
 
@@ -71,8 +85,16 @@ class Monitor:
         if self.lines:
             done = step - self._s0
             eta = (now - self._t0) / max(done, 1) * (self.total - step)
-            log.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s eta %s",
-                     epoch, step, self.total, loss, lr, ips, time.strftime("%H:%M:%S", time.gmtime(eta)))
+            log.info(
+                "epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s eta %s",
+                epoch,
+                step,
+                self.total,
+                loss,
+                lr,
+                ips,
+                time.strftime("%H:%M:%S", time.gmtime(eta)),
+            )
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
         if not self.writer:

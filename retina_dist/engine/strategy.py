@@ -1,4 +1,5 @@
 """How a model is wrapped, stepped and saved across processes. The engine talks only to a Strategy."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,12 +20,20 @@ class NonFiniteError(FloatingPointError):
 class DDPStrategy:
     """Plain DDP (or a lone process): ``no_sync`` on all but the last micro-step, optional GradScaler."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 env: DistEnv, device: torch.device, amp: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        env: DistEnv,
+        device: torch.device,
+        amp: str,
+    ) -> None:
         self.module = model.to(device)
         self.model: nn.Module = (
             DDP(self.module, device_ids=[device.index] if device.type == "cuda" else None)
-            if env.distributed else self.module
+            if env.distributed
+            else self.module
         )
         self.optimizer, self.scheduler = optimizer, scheduler
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
@@ -48,7 +57,9 @@ class DDPStrategy:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif not torch.isfinite(norm):
-            raise NonFiniteError(f"gradient norm is {norm.item()}: the loss diverged (try a lower lr or amp=none)")
+            raise NonFiniteError(
+                f"gradient norm is {norm.item()}: the loss diverged (try a lower lr or amp=none)"
+            )
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -71,8 +82,15 @@ class DDPStrategy:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def build_strategy(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                   env: DistEnv, device: torch.device, amp: str) -> DDPStrategy:
+def build_strategy(
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    env: DistEnv,
+    device: torch.device,
+    amp: str,
+) -> DDPStrategy:
     if name == "ddp":
         return DDPStrategy(model, optimizer, scheduler, env, device, amp)
     raise ValueError(f"unknown strategy {name!r}")

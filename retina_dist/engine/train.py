@@ -1,4 +1,5 @@
 """The training loop: build -> (resume) -> epochs of steps -> validate -> checkpoint -> final evaluation."""
+
 from __future__ import annotations
 
 import logging
@@ -106,40 +107,65 @@ class Trainer:
         d = cfg.data
         self.manifest = load_manifest(d.shards)
         self.task: Task = build_task(self.manifest, cfg.optim.label_smoothing)
-        common = dict(image_size=d.image_size, in_chans=d.in_chans, seed=cfg.train.seed,
-                      multilabel=self.task.multilabel)
-        self.train_spec = StreamSpec(tuple(split_shards(d.shards, self.manifest, d.train_split)),
-                                     cfg.train.batch_size, train=True, augment=d.augment,
-                                     shuffle_buffer=d.shuffle_buffer, **common)
+        common = dict(
+            image_size=d.image_size, in_chans=d.in_chans, seed=cfg.train.seed, multilabel=self.task.multilabel
+        )
+        self.train_spec = StreamSpec(
+            tuple(split_shards(d.shards, self.manifest, d.train_split)),
+            cfg.train.batch_size,
+            train=True,
+            augment=d.augment,
+            shuffle_buffer=d.shuffle_buffer,
+            **common,
+        )
         self.batches = batches_per_rank(self.train_spec, self.env.world_size, cfg.train.accum_steps)
         if self.batches == 0:
             raise DataError(
-                f"{d.shards}: split {d.train_split!r} has {self.train_spec.count} samples, fewer than one step of "
-                f"{self.env.world_size} ranks x batch {cfg.train.batch_size} x accum {cfg.train.accum_steps}"
+                f"{d.shards}: split {d.train_split!r} has {self.train_spec.count} samples, "
+                f"fewer than one step of {self.env.world_size} ranks x batch {cfg.train.batch_size} "
+                f"x accum {cfg.train.accum_steps}"
             )
-        self.eval_spec = lambda split: StreamSpec(tuple(split_shards(d.shards, self.manifest, split)),
-                                                  cfg.eval.batch_size, **common)
+        self.eval_spec = lambda split: StreamSpec(
+            tuple(split_shards(d.shards, self.manifest, split)), cfg.eval.batch_size, **common
+        )
         self.steps_per_epoch = self.batches // cfg.train.accum_steps
         total = self.steps_per_epoch * cfg.train.epochs
 
         model = build_model(cfg.model, self.task.num_classes, d.in_chans)
         optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)
-        scheduler = warmup_cosine(optimizer, round(cfg.optim.warmup_epochs * self.steps_per_epoch), total,
-                                  cfg.optim.min_lr_ratio)
-        self.strategy = build_strategy(cfg.train.strategy, model, optimizer, scheduler, self.env, self.device,
-                                       cfg.train.amp)
+        scheduler = warmup_cosine(
+            optimizer, round(cfg.optim.warmup_epochs * self.steps_per_epoch), total, cfg.optim.min_lr_ratio
+        )
+        self.strategy = build_strategy(
+            cfg.train.strategy, model, optimizer, scheduler, self.env, self.device, cfg.train.amp
+        )
         self.inputs = Inputs(d.mean, d.std, d.in_chans, self.device, cfg.model.channels_last)
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_last)
         self.state = TrainState()
         self._resume()
-        self.monitor = Monitor(self.run_dir, self.env.is_main, total, self.state.step, cfg.log.tensorboard,
-                               cfg.log.progress, cfg.train.log_every)
+        self.monitor = Monitor(
+            self.run_dir,
+            self.env.is_main,
+            total,
+            self.state.step,
+            cfg.log.tensorboard,
+            cfg.log.progress,
+            cfg.train.log_every,
+        )
         self.preemption = Preemption()
         if self.env.is_main:
             n_params = sum(p.numel() for p in model.parameters())
-            log.info("%s: %.2fM params, %d ranks (%s) on %s, %d steps/epoch, %d epochs, train %d samples",
-                     cfg.model.name, n_params / 1e6, self.env.world_size, self.env.launcher, self.device,
-                     self.steps_per_epoch, cfg.train.epochs, self.train_spec.count)
+            log.info(
+                "%s: %.2fM params, %d ranks (%s) on %s, %d steps/epoch, %d epochs, train %d samples",
+                cfg.model.name,
+                n_params / 1e6,
+                self.env.world_size,
+                self.env.launcher,
+                self.device,
+                self.steps_per_epoch,
+                cfg.train.epochs,
+                self.train_spec.count,
+            )
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> str:
@@ -168,8 +194,15 @@ class Trainer:
     def _train_epoch(self) -> str:
         cfg, s, strategy = self.cfg, self.state, self.strategy
         accum = cfg.train.accum_steps
-        loader = make_loader(self.train_spec, self.env.rank, self.env.world_size, cfg.data.workers,
-                             epoch=s.epoch, num_batches=self.batches, skip_batches=s.batches_done)
+        loader = make_loader(
+            self.train_spec,
+            self.env.rank,
+            self.env.world_size,
+            cfg.data.workers,
+            epoch=s.epoch,
+            num_batches=self.batches,
+            skip_batches=s.batches_done,
+        )
         batches = iter(loader)
         strategy.model.train()
         while s.batches_done < self.batches:
@@ -182,9 +215,14 @@ class Trainer:
                 loss_sum += loss.detach()
             norm = strategy.clip_and_step(cfg.optim.max_grad_norm)
             s.step, s.batches_done = s.step + 1, s.batches_done + accum
-            self.monitor.step(s.step, s.epoch, x.shape[0] * accum * self.env.world_size,
-                              lambda ls=loss_sum: float(ls), strategy.scheduler.get_last_lr()[0],
-                              lambda n=norm: float(n))
+            self.monitor.step(
+                s.step,
+                s.epoch,
+                x.shape[0] * accum * self.env.world_size,
+                lambda ls=loss_sum: float(ls),
+                strategy.scheduler.get_last_lr()[0],
+                lambda n=norm: float(n),
+            )
             if dist.any_rank(self.preemption.requested, self.device):
                 return "preempted"
             if cfg.train.max_steps and s.step >= cfg.train.max_steps:
@@ -193,14 +231,25 @@ class Trainer:
 
     def _validate(self, split: str) -> bool:
         """Exactly-once evaluation of ``split``; True on rank 0 when it is the best so far."""
-        preds = predict(self.strategy.module, self.eval_spec(split), self.env, self.inputs, self.task,
-                        self.cfg.data.workers, self.cfg.train.amp)
+        preds = predict(
+            self.strategy.module,
+            self.eval_spec(split),
+            self.env,
+            self.inputs,
+            self.task,
+            self.cfg.data.workers,
+            self.cfg.train.amp,
+        )
         if preds is None:
             return False
         m = report(preds, self.task, split, self.run_dir, self.monitor, self.state.step)
         score = m.get("accuracy", m.get("macro_auroc")) or 0.0
-        log.info("%s after epoch %d: %s", split, self.state.epoch,
-                 ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+        log.info(
+            "%s after epoch %d: %s",
+            split,
+            self.state.epoch,
+            ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)),
+        )
         if split == self.cfg.data.val_split and score > self.state.best:
             self.state.best = score
             return True
@@ -210,8 +259,13 @@ class Trainer:
     def _save(self, best: bool = False) -> None:
         rngs = dist.gather_objects(rng_state())
         if self.env.is_main:
-            state = {**self.strategy.state_dict(), "state": asdict(self.state), "rng": rngs,
-                     "world_size": self.env.world_size, "config": to_dict(self.cfg)}
+            state = {
+                **self.strategy.state_dict(),
+                "state": asdict(self.state),
+                "rng": rngs,
+                "world_size": self.env.world_size,
+                "config": to_dict(self.cfg),
+            }
             path = self.ckpt.save(state, self.state.step, best)
             log.info("checkpoint %s (epoch %d, step %d)", path, self.state.epoch, self.state.step)
         dist.barrier()
@@ -223,15 +277,20 @@ class Trainer:
         saved = TrainState(**state["state"])
         if saved.batches_done and state["world_size"] != self.env.world_size:
             raise RuntimeError(
-                f"{self.ckpt.latest()}: saved mid-epoch with {state['world_size']} ranks; resume it with "
-                f"{state['world_size']} ranks (or from an end-of-epoch checkpoint) — the sample order depends on it"
+                f"{self.ckpt.latest()}: saved mid-epoch with {state['world_size']} ranks; resume it "
+                f"with {state['world_size']} ranks (or from an end-of-epoch checkpoint): "
+                "the sample order depends on it"
             )
         self.strategy.load_state_dict(state)
         self.state = saved
         if state["world_size"] == self.env.world_size:
             set_rng_state(state["rng"][self.env.rank])
-        log.info("resumed at epoch %d, step %d (%d batches into the epoch)", saved.epoch, saved.step,
-                 saved.batches_done)
+        log.info(
+            "resumed at epoch %d, step %d (%d batches into the epoch)",
+            saved.epoch,
+            saved.step,
+            saved.batches_done,
+        )
 
 
 def train(cfg: Config) -> str:

@@ -1,4 +1,5 @@
 """Dataset sources by name: each knows one dataset's real layout and yields Records."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """The built-in synthetic retina set: fundus DR grading or OCT B-scan classes, generated from a seed."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,4 +47,3 @@ class SyntheticSource:
         s = generate(self.modality, self.seed, item.ref, self.image_size, item.label)
         images = {"img.jpg": encode(s.image, ".jpg"), "mask.png": encode(s.mask, ".png")}
         return Record(item.key, item.patient, split, images, item.label, {"modality": self.modality})
-

@@ -1,0 +1,81 @@
+from collections import Counter
+
+import pytest
+import torch
+
+from retina_dist.data.manifest import DataError, load_manifest, split_shards
+from retina_dist.data.pack import PackOptions, pack
+from retina_dist.data.sources import build_source
+from retina_dist.data.stream import StreamSpec, batches_per_rank, make_loader
+
+
+@pytest.fixture(scope="module")
+def odd_split(tmp_path_factory, scratch):
+    """101 samples in 7 uneven shards of one split."""
+    out = tmp_path_factory.mktemp("odd")
+    pack(
+        build_source("synthetic_oct", n=101, image_size=32),
+        out,
+        PackOptions(val_frac=1.0, shard_size=15, min_shards=7),
+        workers=1,
+        progress=False,
+    )
+    m = load_manifest(out)
+    return out, tuple(split_shards(out, m, "val"))
+
+
+def test_eval_stream_yields_every_key_once_across_ranks_and_workers(odd_split):
+    _, shards = odd_split
+    assert sum(n for _, n in shards) == 101 and len({n for _, n in shards}) > 1
+    spec = StreamSpec(shards, batch_size=8, image_size=32)
+    per_rank = []
+    for rank in range(2):
+        keys = [k for b in make_loader(spec, rank, 2, workers=2) for k in b["key"]]
+        per_rank.append(keys)
+    counts = Counter(per_rank[0] + per_rank[1])
+    assert len(counts) == 101 and set(counts.values()) == {1}
+    assert len(per_rank[0]) != len(per_rank[1])  # uneven ranks, nothing padded
+
+
+def test_train_stream_gives_every_rank_the_same_batch_count(shards):
+    m = load_manifest(shards)
+    spec = StreamSpec(tuple(split_shards(shards, m, "train")), batch_size=16, image_size=32, train=True)
+    n = batches_per_rank(spec, world_size=2, accum_steps=2)
+    assert n > 0 and n % 2 == 0
+    for rank in range(2):
+        batches = list(make_loader(spec, rank, 2, workers=2, epoch=0, num_batches=n))
+        assert len(batches) == n
+        assert all(b["image"].shape == (16, 3, 32, 32) and b["image"].dtype == torch.uint8 for b in batches)
+
+
+def test_epochs_differ_and_resume_skips_exactly(shards):
+    m = load_manifest(shards)
+    spec = StreamSpec(tuple(split_shards(shards, m, "train")), batch_size=8, image_size=32, train=True)
+    n = batches_per_rank(spec, 1)
+    full = list(make_loader(spec, 0, 1, workers=2, epoch=1, num_batches=n))
+    again = list(make_loader(spec, 0, 1, workers=2, epoch=1, num_batches=n))
+    other = list(make_loader(spec, 0, 1, workers=2, epoch=2, num_batches=n))
+    assert [b["key"] for b in full] == [b["key"] for b in again]
+    assert [b["key"] for b in full] != [b["key"] for b in other]
+    for skip in (3, 4):
+        resumed = list(make_loader(spec, 0, 1, workers=2, epoch=1, num_batches=n, skip_batches=skip))
+        assert [b["key"] for b in resumed] == [b["key"] for b in full[skip:]]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[skip:], strict=True))
+
+
+def test_missing_shard_and_empty_split_are_named(odd_split, tmp_path):
+    out, _ = odd_split
+    m = load_manifest(out)
+    with pytest.raises(DataError, match="no split 'train'"):
+        split_shards(out, m, "train")
+    broken = {
+        **m,
+        "splits": {"val": {**m["splits"]["val"], "shards": [{"name": "val-999999.tar", "count": 1}]}},
+    }
+    with pytest.raises(DataError, match="val-999999.tar: shard listed in the manifest is missing"):
+        split_shards(out, broken, "val")
+    empty = {**m, "splits": {"val": {**m["splits"]["val"], "count": 0, "shards": []}}}
+    with pytest.raises(DataError, match="split 'val' is empty"):
+        split_shards(out, empty, "val")
+    with pytest.raises(DataError, match="no manifest"):
+        load_manifest(tmp_path)
