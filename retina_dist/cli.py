@@ -11,6 +11,7 @@ from pathlib import Path
 
 from retina_dist.config import Config, ConfigError, load_config, save_config
 from retina_dist.data.manifest import DataError
+from retina_dist.engine.checkpoint import ResumeError
 
 log = logging.getLogger("retina_dist")
 
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run-dir", required=True)
     ev.add_argument("--split", action="append", help="split(s) to evaluate (default: the run's eval.splits)")
     ev.add_argument("--nproc", type=int, default=1)
+    ev.add_argument("--weights", help="evaluate this plain state dict (e.g. from consolidate) instead")
+    co = sub.add_parser(
+        "consolidate", help="a run's latest checkpoint (ZeRO shards too) -> one plain state dict"
+    )
+    co.add_argument("--run-dir", required=True)
+    co.add_argument("--out", help="default: <run-dir>/checkpoints/consolidated.pt")
     pk = sub.add_parser("pack", help="pack a dataset into WebDataset shards + manifest.json")
     pk.add_argument("dataset", help="synthetic | synthetic_oct")
     pk.add_argument("--out", required=True)
@@ -102,15 +109,17 @@ def _eval(args: argparse.Namespace) -> int:
     if args.split:
         cfg.eval.splits = args.split
     if args.nproc > 1:
-        launch_local(
-            args.nproc,
-            ["eval", "--run-dir", args.run_dir, *[a for s in args.split or [] for a in ("--split", s)]],
-        )
+        weights = ["--weights", args.weights] if args.weights else []
+        splits = [a for s in args.split or [] for a in ("--split", s)]
+        launch_local(args.nproc, ["eval", "--run-dir", args.run_dir, *splits, *weights])
         return 0
     from retina_dist.engine.train import Trainer
+    from retina_dist.models import load_pretrained
 
     trainer = Trainer(cfg)
-    if trainer.ckpt.latest() is None:
+    if args.weights:
+        load_pretrained(trainer.strategy.module, args.weights)
+    elif trainer.ckpt.latest() is None:
         raise ConfigError(f"{args.run_dir}: no checkpoint to evaluate")
     for split in cfg.eval.splits:
         trainer._validate(split)
@@ -118,8 +127,33 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consolidate(args: argparse.Namespace) -> int:
+    from retina_dist.engine.checkpoint import Checkpointer, load, save_atomic
+
+    path = Checkpointer(Path(args.run_dir) / "checkpoints").latest()
+    if path is None:
+        raise ConfigError(f"{args.run_dir}: no checkpoint to consolidate")
+    if path.is_dir():
+        from retina_dist.engine.deepspeed_strategy import consolidate
+
+        state = consolidate(path)
+    else:
+        state = load(path)["model"]
+    out = Path(args.out or Path(args.run_dir) / "checkpoints" / "consolidated.pt")
+    save_atomic({"model": state}, out)
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # KEY=VALUE overrides may sit on either side of options (``train --nproc 2 a=1 --smoke b=2``).
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command in ("run", "train"):
@@ -151,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 0
+        if args.command == "consolidate":
+            return _consolidate(args)
         if args.command == "verify":
             from retina_dist.data.manifest import verify
 
             print(json.dumps(verify(args.shards)))
             return 0
-    except (ConfigError, DataError, FileNotFoundError) as err:  # the user's to fix: no traceback
+    except (ConfigError, DataError, FileNotFoundError, ResumeError) as err:  # the user's to fix: no traceback
         log.error("%s", err)
         return 2
     return 1

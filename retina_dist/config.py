@@ -76,7 +76,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs)
 
     def __post_init__(self) -> None:
-        _choice("train.strategy", self.strategy, ("ddp",))
+        _choice("train.strategy", self.strategy, ("ddp", "deepspeed"))
         _choice("train.amp", self.amp, ("none", "bf16", "fp16"))
         for key in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, key) < 1:
@@ -88,6 +88,17 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated after training
     batch_size: int = 64
     every_epochs: int = 1  # validation during training; 0 = only at the end
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Used when train.strategy=deepspeed; the DeepSpeed JSON is generated from this and train/optim."""
+
+    zero_stage: int = 1
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"config key 'deepspeed.zero_stage': {self.zero_stage} is not 0, 1 or 2")
 
 
 @dataclass
@@ -117,6 +128,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -89,9 +89,18 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init(backend: str = "auto", timeout_s: int = 900) -> DistEnv:
+def init(backend: str = "auto", timeout_s: int = 900, single_group: bool = False) -> DistEnv:
+    """Join the process group. ``single_group`` makes a one-process group too (DeepSpeed needs one)."""
     env = discover()
-    if env.distributed and not dist.is_initialized():
+    if not env.distributed and single_group and not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            env = DistEnv(master_port=s.getsockname()[1])
+        # DeepSpeed reads these itself; a lone process must look like rank 0 of 1.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    if (env.distributed or single_group) and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         # torchrun's agent already serves a store on MASTER_PORT (env:// reuses it); srun has none.

@@ -79,3 +79,47 @@ def run(fn, *args, world: int = 2) -> None:
 
 
 __all__ = ["accumulation", "exact_once_eval", "run", "Path"]
+
+
+def strategy_steps(
+    rank: int, world: int, port: int, strategy: str, stage: int, micro: int, accum: int, steps: int, out: str
+) -> None:
+    """``steps`` optimizer steps on fixed data (8 samples per rank per step) through a Strategy."""
+    _join(rank, world, port)
+    import timm
+
+    from retina_dist import dist
+    from retina_dist.config import load_config
+    from retina_dist.engine.strategy import build_strategy
+    from retina_dist.engine.train import build_optimizer, warmup_cosine
+
+    cfg = load_config(
+        "synthetic",
+        [
+            f"train.strategy={strategy}",
+            f"deepspeed.zero_stage={stage}",
+            f"train.batch_size={micro}",
+            f"train.accum_steps={accum}",
+            "optim.max_grad_norm=1.0",
+        ],
+    )
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", num_classes=3)
+    opt = build_optimizer(model, 1e-3, 0.05)
+    s = build_strategy(cfg, model, opt, warmup_cosine(opt, 1, 10, 0.1), dist.discover(), torch.device("cpu"))
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g)
+        for i in range(accum):
+            with s.accumulating(last=i == accum - 1):
+                loss = (
+                    torch.nn.functional.cross_entropy(
+                        s.model(x[i * micro : (i + 1) * micro]), y[i * micro : (i + 1) * micro]
+                    )
+                    / accum
+                )
+            s.backward(loss)
+        s.clip_and_step(1.0)
+    if rank == 0:
+        torch.save({n: p.detach().float().clone() for n, p in s.module.named_parameters()}, out)
+    dist.destroy()

@@ -108,11 +108,11 @@ def test_stop_and_resume_equals_uninterrupted_run(shards, tmp_path):
         "optim.lr=3e-3",
     ]
     run_cli("train", "--run-dir", str(tmp_path / "full"), *common)
-    # 255 train samples / (2 ranks x 16) = 7 steps an epoch: stop mid-epoch 0, then resume.
+    # ~259 train samples / (2 ranks x 16) = 8 steps an epoch: stop mid-epoch 0, then resume.
     run_cli("train", "--run-dir", str(tmp_path / "cut"), *common, "train.max_steps=3")
     assert load(Checkpointer(tmp_path / "cut" / "checkpoints").latest())["state"]["batches_done"] == 3
     proc = run_cli("train", "--run-dir", str(tmp_path / "cut"), *common)
-    assert "resumed at epoch 0, step 3" in proc.stderr
+    assert "at epoch 0, step 3 (3 batches into the epoch)" in proc.stderr
     full, cut = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "cut")
     for k in full:
         torch.testing.assert_close(cut[k], full[k], rtol=1e-5, atol=1e-6, msg=k)

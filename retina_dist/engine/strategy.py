@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from retina_dist.config import Config
 from retina_dist.dist import DistEnv
+from retina_dist.engine.checkpoint import load, save_atomic
 
 
 class NonFiniteError(FloatingPointError):
@@ -37,6 +40,7 @@ class DDPStrategy:
         )
         self.optimizer, self.scheduler = optimizer, scheduler
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        self.env = env
 
     @contextlib.contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:
@@ -74,6 +78,18 @@ class DDPStrategy:
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
 
+    def save(self, folder: Path, name: str, extra: dict[str, Any]) -> Path:
+        """Rank 0 writes one file (DDP replicas are identical); returns its path on every rank."""
+        path = folder / f"{name}.pt"
+        if self.env.is_main:
+            save_atomic({**self.state_dict(), **extra}, path)
+        return path
+
+    def load(self, path: Path) -> dict[str, Any]:
+        state = load(path)
+        self.load_state_dict(state)
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -83,14 +99,29 @@ class DDPStrategy:
 
 
 def build_strategy(
-    name: str,
+    cfg: Config,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     env: DistEnv,
     device: torch.device,
-    amp: str,
-) -> DDPStrategy:
-    if name == "ddp":
-        return DDPStrategy(model, optimizer, scheduler, env, device, amp)
-    raise ValueError(f"unknown strategy {name!r}")
+) -> Any:
+    t = cfg.train
+    if t.strategy == "ddp":
+        return DDPStrategy(model, optimizer, scheduler, env, device, t.amp)
+    if t.strategy == "deepspeed":
+        from retina_dist.engine.deepspeed_strategy import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(
+            model,
+            optimizer,
+            scheduler,
+            env,
+            device,
+            t.amp,
+            t.batch_size,
+            t.accum_steps,
+            cfg.optim.max_grad_norm,
+            cfg.deepspeed.zero_stage,
+        )
+    raise ValueError(f"unknown strategy {t.strategy!r}")

@@ -19,7 +19,7 @@ from retina_dist.config import Config, save_config, to_dict
 from retina_dist.data.manifest import DataError, load_manifest, split_shards
 from retina_dist.data.stream import StreamSpec, batches_per_rank, make_loader
 from retina_dist.engine.batch import Inputs, autocast
-from retina_dist.engine.checkpoint import Checkpointer
+from retina_dist.engine.checkpoint import Checkpointer, ResumeError
 from retina_dist.engine.evaluate import predict, report
 from retina_dist.engine.monitor import Monitor, setup_logging
 from retina_dist.engine.strategy import build_strategy
@@ -92,7 +92,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.env = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+        self.env = dist.init(
+            cfg.dist.backend, cfg.dist.timeout_s, single_group=cfg.train.strategy == "deepspeed"
+        )
         self.run_dir = Path(cfg.run_dir)
         setup_logging(self.run_dir, self.env.rank)
         if self.env.is_main:
@@ -136,9 +138,7 @@ class Trainer:
         scheduler = warmup_cosine(
             optimizer, round(cfg.optim.warmup_epochs * self.steps_per_epoch), total, cfg.optim.min_lr_ratio
         )
-        self.strategy = build_strategy(
-            cfg.train.strategy, model, optimizer, scheduler, self.env, self.device, cfg.train.amp
-        )
+        self.strategy = build_strategy(cfg, model, optimizer, scheduler, self.env, self.device)
         self.inputs = Inputs(d.mean, d.std, d.in_chans, self.device, cfg.model.channels_last)
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_last)
         self.state = TrainState()
@@ -257,36 +257,37 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _save(self, best: bool = False) -> None:
-        rngs = dist.gather_objects(rng_state())
+        extra = {
+            "state": asdict(self.state),
+            "rng": dist.gather_objects(rng_state()),
+            "world_size": self.env.world_size,
+            "config": to_dict(self.cfg),
+        }
+        path = self.strategy.save(self.ckpt.folder, f"step-{self.state.step:08d}", extra)
+        dist.barrier()  # every rank's part is on disk before the pointer moves
         if self.env.is_main:
-            state = {
-                **self.strategy.state_dict(),
-                "state": asdict(self.state),
-                "rng": rngs,
-                "world_size": self.env.world_size,
-                "config": to_dict(self.cfg),
-            }
-            path = self.ckpt.save(state, self.state.step, best)
+            self.ckpt.commit(path, best)
             log.info("checkpoint %s (epoch %d, step %d)", path, self.state.epoch, self.state.step)
         dist.barrier()
 
     def _resume(self) -> None:
-        state = self.ckpt.load_latest()
-        if state is None:
+        path = self.ckpt.latest()
+        if path is None:
             return
+        state = self.strategy.load(path)
         saved = TrainState(**state["state"])
         if saved.batches_done and state["world_size"] != self.env.world_size:
-            raise RuntimeError(
-                f"{self.ckpt.latest()}: saved mid-epoch with {state['world_size']} ranks; resume it "
-                f"with {state['world_size']} ranks (or from an end-of-epoch checkpoint): "
-                "the sample order depends on it"
+            raise ResumeError(
+                f"{path}: saved mid-epoch with {state['world_size']} ranks; resume it with "
+                f"{state['world_size']} ranks (or from an end-of-epoch checkpoint): the sample order "
+                "depends on it"
             )
-        self.strategy.load_state_dict(state)
         self.state = saved
         if state["world_size"] == self.env.world_size:
             set_rng_state(state["rng"][self.env.rank])
         log.info(
-            "resumed at epoch %d, step %d (%d batches into the epoch)",
+            "resumed from %s at epoch %d, step %d (%d batches into the epoch)",
+            path.name,
             saved.epoch,
             saved.step,
             saved.batches_done,

@@ -1,0 +1,115 @@
+"""DeepSpeed ZeRO 0/1/2 behind the same Strategy interface as DDP. The only module importing deepspeed.
+
+The DeepSpeed JSON is generated from the run config (never kept by hand beside it): micro-batch,
+accumulation and clipping come from ``train``/``optim``, ``train_batch_size`` is derived as
+micro x accum x world. The train step already divides the loss by the accumulation count, so
+``backward`` tells DeepSpeed not to divide it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from retina_dist.dist import DistEnv
+from retina_dist.engine.checkpoint import ResumeError
+from retina_dist.engine.strategy import NonFiniteError
+
+META = "retina_meta.json"
+
+
+def deepspeed_config(
+    micro: int, accum: int, world: int, max_norm: float, amp: str, stage: int
+) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world,
+        "gradient_clipping": max_norm,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": amp == "bf16"},
+        "fp16": {"enabled": amp == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedStrategy:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        env: DistEnv,
+        device: torch.device,
+        amp: str,
+        micro: int,
+        accum: int,
+        max_norm: float,
+        stage: int,
+    ) -> None:
+        import deepspeed
+
+        self.config = deepspeed_config(micro, accum, env.world_size, max_norm, amp, stage)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=self.config
+        )
+        self.model = self.engine
+        self.module: nn.Module = self.engine.module
+        self.env = env
+        self.input_dtype = torch.bfloat16 if amp == "bf16" else torch.float16 if amp == "fp16" else None
+
+    @contextlib.contextmanager
+    def accumulating(self, last: bool) -> Iterator[None]:
+        # Set before the forward: ZeRO-2's reduction hooks read the boundary during backward.
+        self.engine.set_gradient_accumulation_boundary(last)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
+
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        # DeepSpeed leaves BatchNorm running stats per rank; take rank 0's, as DDP's broadcast_buffers does,
+        # so every rank evaluates (and every checkpoint saves) the same model.
+        if self.env.distributed:
+            for buf in self.module.buffers():
+                torch.distributed.broadcast(buf, src=0)
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:  # ZeRO stage 0 with a client optimizer does not report it
+            return torch.tensor(float("nan"))
+        norm = torch.tensor(float(norm))
+        if not torch.isfinite(norm) and self.input_dtype is not torch.float16:
+            raise NonFiniteError(f"gradient norm is {norm.item()}: the loss diverged (try a lower lr)")
+        return norm
+
+    def save(self, folder: Path, name: str, extra: dict[str, Any]) -> Path:
+        """Every rank writes its ZeRO partition into ``folder/name/``; returns that folder."""
+        self.engine.save_checkpoint(str(folder), tag=name, client_state=extra, save_latest=False)
+        if self.env.is_main:
+            (folder / name / META).write_text(json.dumps({"world_size": self.env.world_size}))
+        return folder / name
+
+    def load(self, path: Path) -> dict[str, Any]:
+        saved = json.loads((path / META).read_text())["world_size"]
+        if saved != self.env.world_size:
+            raise ResumeError(
+                f"{path}: a ZeRO checkpoint of {saved} ranks cannot be resumed on {self.env.world_size}; "
+                f"resume with {saved} ranks, or consolidate it (retina-dist consolidate) and start a new run "
+                "from the weights with model.pretrained=…"
+            )
+        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        return client
+
+
+def consolidate(path: Path) -> dict[str, torch.Tensor]:
+    """A plain fp32 state dict from a ZeRO checkpoint folder (loadable by timm and ``retina-dist eval``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)

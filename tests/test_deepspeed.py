@@ -1,0 +1,120 @@
+"""Real DeepSpeed (CPU accelerator, gloo, 2 processes) behind the same Strategy as DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from retina_dist.engine.checkpoint import Checkpointer
+from tests import dist_workers
+from tests.conftest import TINY, run_cli
+
+
+def _params(tmp_path, name, *args):
+    out = tmp_path / f"{name}.pt"
+    dist_workers.run(dist_workers.strategy_steps, *args, str(out))
+    return torch.load(out)
+
+
+def test_ddp_and_zero_0_1_2_reach_the_same_parameters(tmp_path, scratch):
+    ddp = _params(tmp_path, "ddp", "ddp", 0, 8, 1, 3)
+    for stage in (0, 1, 2):
+        ds = _params(tmp_path, f"z{stage}", "deepspeed", stage, 8, 1, 3)
+        assert ds.keys() == ddp.keys()
+        for k in ddp:
+            torch.testing.assert_close(ds[k], ddp[k], rtol=1e-4, atol=2e-5, msg=f"stage {stage}: {k}")
+
+
+def test_deepspeed_accumulation_4x2_equals_8x1(tmp_path, scratch):
+    a = _params(tmp_path, "a", "deepspeed", 2, 8, 1, 2)
+    b = _params(tmp_path, "b", "deepspeed", 2, 4, 2, 2)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+DS = [
+    "--nproc",
+    "2",
+    *TINY,
+    "train.strategy=deepspeed",
+    "train.epochs=2",
+    "data.workers=2",
+    "optim.lr=3e-3",
+    "train.deterministic=true",
+]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ds") / "full"
+    run_cli("train", "--run-dir", str(run_dir), f"data.shards={shards}", *DS, "deepspeed.zero_stage=2")
+    return run_dir
+
+
+def test_zero2_run_learns_and_checkpoints_as_folders(zero2_run):
+    acc = EventAccumulator(str(zero2_run / "tb"))
+    acc.Reload()
+    loss = [e.value for e in acc.Scalars("train/loss")]
+    assert np.mean(loss[-2:]) < np.mean(loss[:2])
+    latest = Checkpointer(zero2_run / "checkpoints").latest()
+    assert latest.is_dir() and latest.name == "step-00000016"
+    assert len(list(latest.rglob("*optim_states.pt"))) == 2  # one ZeRO partition per rank
+
+
+def test_zero1_interrupted_and_resumed_equals_uninterrupted(shards, tmp_path):
+    from retina_dist.engine.deepspeed_strategy import consolidate
+
+    common = ["--run-dir", str(tmp_path / "cut"), f"data.shards={shards}", *DS, "deepspeed.zero_stage=1"]
+    run_cli("train", *common, "train.max_steps=10")  # 8 steps an epoch: stops inside the second
+    proc = run_cli("train", *common)
+    assert "at epoch 1, step 10 (2 batches into the epoch)" in proc.stderr
+    run_cli(
+        "train", "--run-dir", str(tmp_path / "full"), f"data.shards={shards}", *DS, "deepspeed.zero_stage=1"
+    )
+    cut = consolidate(Checkpointer(tmp_path / "cut" / "checkpoints").latest())
+    full = consolidate(Checkpointer(tmp_path / "full" / "checkpoints").latest())
+    for k in full:
+        torch.testing.assert_close(cut[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_resume_on_another_world_size_is_refused_clearly(zero2_run, shards):
+    proc = run_cli(
+        "train",
+        "--run-dir",
+        str(zero2_run),
+        f"data.shards={shards}",
+        *DS[2:],
+        "train.epochs=3",
+        "deepspeed.zero_stage=2",
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "a ZeRO checkpoint of 2 ranks cannot be resumed on 1" in proc.stderr
+
+
+def test_consolidated_weights_load_into_plain_timm_and_predict_the_same(zero2_run, tmp_path):
+    out = tmp_path / "plain.pt"
+    run_cli("consolidate", "--run-dir", str(zero2_run), "--out", str(out))
+    (tmp_path / "r").mkdir()
+    cfg = (
+        (zero2_run / "config.yaml").read_text().replace(f"run_dir: {zero2_run}", f"run_dir: {tmp_path / 'r'}")
+    )
+    (tmp_path / "r" / "config.yaml").write_text(cfg)
+    run_cli("eval", "--run-dir", str(tmp_path / "r"), "--weights", str(out))
+
+    def probs(run_dir):
+        with open(run_dir / "predictions" / "val.csv") as fh:
+            return {
+                r["key"]: [float(v) for k, v in r.items() if k.startswith("prob_")]
+                for r in csv.DictReader(fh)
+            }
+
+    a, b = probs(zero2_run), probs(tmp_path / "r")
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], atol=1e-5)
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["val"]["n"] == len(a)
