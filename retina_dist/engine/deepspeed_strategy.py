@@ -75,12 +75,15 @@ class DeepSpeedStrategy:
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
 
-    def clip_and_step(self, max_norm: float) -> torch.Tensor:
-        # DeepSpeed leaves BatchNorm running stats per rank; take rank 0's, as DDP's broadcast_buffers does,
-        # so every rank evaluates (and every checkpoint saves) the same model.
+    def sync_buffers(self) -> None:
+        """DeepSpeed leaves BatchNorm running stats per rank; take rank 0's before an evaluation or a save,
+        so every rank evaluates the model the checkpoint holds. (Training uses batch statistics, so
+        doing this only there, rather than every step as DDP does, changes nothing.)"""
         if self.env.distributed:
             for buf in self.module.buffers():
                 torch.distributed.broadcast(buf, src=0)
+
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
         norm = self.engine.get_global_grad_norm()
         if norm is None:  # ZeRO stage 0 with a client optimizer does not report it
             return torch.tensor(float("nan"))

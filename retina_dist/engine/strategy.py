@@ -48,6 +48,9 @@ class DDPStrategy:
         with contextlib.nullcontext() if sync else self.model.no_sync():
             yield
 
+    def sync_buffers(self) -> None:
+        """Nothing to do: DDP broadcasts rank 0's buffers at every forward."""
+
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 

@@ -231,6 +231,7 @@ class Trainer:
 
     def _validate(self, split: str) -> bool:
         """Exactly-once evaluation of ``split``; True on rank 0 when it is the best so far."""
+        self.strategy.sync_buffers()
         preds = predict(
             self.strategy.module,
             self.eval_spec(split),
@@ -257,6 +258,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _save(self, best: bool = False) -> None:
+        self.strategy.sync_buffers()
         extra = {
             "state": asdict(self.state),
             "rng": dist.gather_objects(rng_state()),
