@@ -29,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _run_args(sub.add_parser("run", help="pack (if needed) -> train -> evaluate -> figures"))
     _run_args(sub.add_parser("train", help="train (and evaluate) on packed shards"))
+    _run_args(
+        sub.add_parser(
+            "prepare",
+            help="check the config and the shards (packing a synthetic set if needed), then exit: "
+            "what a batch script runs once before starting its ranks",
+        )
+    )
     ev = sub.add_parser("eval", help="exact-once evaluation of a run's latest checkpoint")
     ev.add_argument("--run-dir", required=True)
     ev.add_argument("--split", action="append", help="split(s) to evaluate (default: the run's eval.splits)")
@@ -74,6 +81,18 @@ def _pack_for(cfg: Config) -> None:
         )
     source = build_source(cfg.data.dataset, n=cfg.data.n, image_size=cfg.data.pack_size, seed=cfg.train.seed)
     pack(source, cfg.data.shards, PackOptions(seed=cfg.train.seed), progress=sys.stderr.isatty())
+
+
+def _prepare(cfg: Config) -> int:
+    from retina_dist.data.manifest import load_manifest, split_shards
+
+    _pack_for(cfg)
+    manifest = load_manifest(cfg.data.shards)
+    for split in {cfg.data.train_split, cfg.data.val_split, *cfg.eval.splits}:
+        split_shards(cfg.data.shards, manifest, split)  # a missing split or shard fails here, not on N ranks
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    print(cfg.run_dir)
+    return 0
 
 
 def launch_local(nproc: int, argv: list[str]) -> None:
@@ -156,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "prepare":
+            return _prepare(_config(args))
         if args.command in ("run", "train"):
             cfg = _config(args)  # validated before any process starts
             if args.command == "run":

@@ -47,3 +47,39 @@ def test_eval_command_reevaluates_a_run(shards, tmp_path):
     run_cli("eval", "--run-dir", str(run_dir), "--nproc", "2")
     after = json.loads((run_dir / "metrics.json").read_text())["val"]
     assert after["n"] == before["n"] and after["accuracy"] == before["accuracy"]
+
+
+def test_prepare_checks_every_split_before_any_rank_starts(shards, tmp_path):
+    ok = run_cli("prepare", "--run-dir", str(tmp_path / "r"), f"data.shards={shards}")
+    assert ok.stdout.strip() == str(tmp_path / "r") and (tmp_path / "r").is_dir()
+    bad = run_cli("prepare", f"data.shards={shards}", "eval.splits=[val,test]", check=False)
+    assert bad.returncode == 2 and "no split 'test'" in bad.stderr
+
+
+def test_torchrun_helper_starts_one_rank_per_process(shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "NPROC": "2", "RETINA_DIST_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            "bash",
+            "launch/torchrun.sh",
+            "--run-dir",
+            str(tmp_path / "r"),
+            f"data.shards={shards}",
+            *TINY,
+            "train.epochs=1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 ranks (torchrun)" in (tmp_path / "r" / "train.log").read_text()
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["val"]["n"] > 0

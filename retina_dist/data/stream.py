@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -203,6 +204,13 @@ def _channels(image: np.ndarray, in_chans: int) -> np.ndarray:
     return image
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SLURM signals every process of a step (preemption: TERM then USR1). A worker killed by it makes
+    # the main process raise before it can checkpoint; the main process decides when workers stop.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def make_loader(
     spec: StreamSpec,
     rank: int,
@@ -220,4 +228,5 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=_ignore_stop_signals if workers else None,
     )

@@ -16,7 +16,7 @@ from torch import nn
 
 from retina_dist import dist
 from retina_dist.config import Config, save_config, to_dict
-from retina_dist.data.manifest import DataError, load_manifest, split_shards
+from retina_dist.data.manifest import DataError, load_manifest, split_shards, write_text_atomic
 from retina_dist.data.stream import StreamSpec, batches_per_rank, make_loader
 from retina_dist.engine.batch import Inputs, autocast
 from retina_dist.engine.checkpoint import Checkpointer, ResumeError
@@ -28,6 +28,9 @@ from retina_dist.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: slurm/*.sh and the submitit launcher requeue on it
+# Written by rank 0 once a preemption checkpoint is committed. srun's exit code can be a killed
+# rank's rather than 75 (--kill-on-bad-exit), so the batch script trusts this file instead.
+PREEMPTED_MARKER = "PREEMPTED"
 
 
 @dataclass
@@ -153,6 +156,8 @@ class Trainer:
             cfg.train.log_every,
         )
         self.preemption = Preemption()
+        if self.env.is_main and dist.slurm_restart_count():
+            log.info("SLURM restart %d of this job", dist.slurm_restart_count())
         if self.env.is_main:
             n_params = sum(p.numel() for p in model.parameters())
             log.info(
@@ -298,7 +303,13 @@ class Trainer:
 
 def train(cfg: Config) -> str:
     trainer = Trainer(cfg)
+    marker = trainer.run_dir / PREEMPTED_MARKER
+    if trainer.env.is_main:
+        marker.unlink(missing_ok=True)
     try:
-        return trainer.fit()
+        outcome = trainer.fit()
+        if outcome == "preempted" and trainer.env.is_main:
+            write_text_atomic(marker, f"step {trainer.state.step}\n")
+        return outcome
     finally:
         dist.destroy()
