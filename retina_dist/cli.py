@@ -46,17 +46,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     co.add_argument("--run-dir", required=True)
     co.add_argument("--out", help="default: <run-dir>/checkpoints/consolidated.pt")
-    pk = sub.add_parser("pack", help="pack a dataset into WebDataset shards + manifest.json")
-    pk.add_argument("dataset", help="synthetic | synthetic_oct")
+    pk = sub.add_parser(
+        "pack", help="pack a dataset (folder or archive as downloaded) into shards + manifest.json"
+    )
+    pk.add_argument(
+        "dataset", help="aptos | kermany | octmnist | odir | rfmid | fusion | synthetic | synthetic_oct"
+    )
+    pk.add_argument("--src", help="the dataset's folder or its archive (.zip, .tar.gz) exactly as downloaded")
+    pk.add_argument("--oct-src", help="fusion: the Kermany folder or archive (--src is APTOS)")
     pk.add_argument("--out", required=True)
+    pk.add_argument("--extract-dir", help="where archives are extracted (default: <out>/.extracted)")
+    pk.add_argument("--size", type=int, default=0, help="octmnist: which npz (28, 64, 128, 224)")
     pk.add_argument("--n", type=int, default=2000, help="synthetic: number of images")
     pk.add_argument("--image-size", type=int, default=128, help="synthetic: generated size in pixels")
-    pk.add_argument("--max-side", type=int, default=0, help="shrink images whose longer side exceeds this")
+    pk.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help="shrink images whose longer side exceeds this (default 512: twice the usual 224-256 training "
+        "size and above 384; 0 keeps originals' size; synthetic default 0)",
+    )
+    pk.add_argument("--keep-original", action="store_true", help="also store the original bytes")
+    pk.add_argument("--format", default="jpg", choices=("jpg", "png", "keep"), help="resized images' codec")
+    pk.add_argument("--max-corrupt-frac", type=float, default=0.05)
     pk.add_argument("--shard-size", type=int, default=256)
     pk.add_argument("--val-frac", type=float, default=0.15)
     pk.add_argument("--test-frac", type=float, default=0.0)
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--workers", type=int, default=None, help="packing processes (default: all cores)")
+    sy = sub.add_parser("synth", help="write synthetic images in a real dataset's on-disk layout")
+    sy.add_argument("dataset", help="aptos | kermany | octmnist | odir | rfmid")
+    sy.add_argument("--out", required=True)
+    sy.add_argument("--n", type=int, default=40, help="samples (patients for odir)")
+    sy.add_argument(
+        "--size", type=int, default=64, help="base image height in pixels (octmnist: 28/64/128/224)"
+    )
+    sy.add_argument("--version", help="layout version (default: the first listed for the dataset)")
+    sy.add_argument("--columns", type=int, default=47, choices=(47, 30), help="rfmid: label CSV columns")
+    sy.add_argument("--archive", choices=("zip", "tar.gz"), help="also pack the tree as a downloaded archive")
+    sy.add_argument("--seed", type=int, default=0)
     vf = sub.add_parser("verify", help="re-read every shard and check counts and sha256 against the manifest")
     vf.add_argument("shards")
     return parser
@@ -81,6 +109,57 @@ def _pack_for(cfg: Config) -> None:
         )
     source = build_source(cfg.data.dataset, n=cfg.data.n, image_size=cfg.data.pack_size, seed=cfg.train.seed)
     pack(source, cfg.data.shards, PackOptions(seed=cfg.train.seed), progress=sys.stderr.isatty())
+
+
+def _pack_command(args: argparse.Namespace) -> int:
+    from retina_dist.data.archive import resolve_src
+    from retina_dist.data.pack import PackOptions, pack
+    from retina_dist.data.sources import SYNTHETIC, build_source
+
+    extract_dir = Path(args.extract_dir or Path(args.out) / ".extracted")
+    if args.dataset in SYNTHETIC:
+        source = build_source(args.dataset, n=args.n, image_size=args.image_size, seed=args.seed)
+    else:
+        if not args.src:
+            raise ConfigError(f"pack {args.dataset}: --src (the dataset folder or archive) is required")
+        oct_src = resolve_src(args.oct_src, extract_dir) if args.oct_src else None
+        try:
+            source = build_source(
+                args.dataset,
+                src=resolve_src(args.src, extract_dir),
+                oct_src=oct_src,
+                size=args.size,
+                seed=args.seed,
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    max_side = args.max_side if args.max_side is not None else (0 if args.dataset in SYNTHETIC else 512)
+    opts = PackOptions(
+        val_frac=args.val_frac,
+        test_frac=args.test_frac,
+        shard_size=args.shard_size,
+        max_side=max_side,
+        keep_original=args.keep_original,
+        image_format=args.format,
+        max_corrupt_frac=args.max_corrupt_frac,
+        seed=args.seed,
+    )
+    manifest = pack(source, args.out, opts, workers=args.workers, progress=sys.stderr.isatty())
+    summary = {
+        s: {
+            "count": v["count"],
+            "patients": v["patients"],
+            "shards": len(v["shards"]),
+            "skipped": len(v["skipped"]),
+        }
+        for s, v in manifest["splits"].items()
+    }
+    report = manifest.get("source_report", {})
+    for what in ("missing_image", "unlabeled_image"):
+        if report.get(what):
+            log.warning("%s: %d %s (see manifest.json source_report)", args.dataset, report[what], what)
+    print(json.dumps(summary))
+    return 0
 
 
 def _prepare(cfg: Config) -> int:
@@ -185,24 +264,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "pack":
-            from retina_dist.data.pack import PackOptions, pack
-            from retina_dist.data.sources import build_source
+            return _pack_command(args)
+        if args.command == "synth":
+            from retina_dist.data.synth_layouts import synth
 
-            source = build_source(args.dataset, n=args.n, image_size=args.image_size, seed=args.seed)
-            opts = PackOptions(
-                val_frac=args.val_frac,
-                test_frac=args.test_frac,
-                shard_size=args.shard_size,
-                max_side=args.max_side,
-                seed=args.seed,
-            )
-            manifest = pack(source, args.out, opts, workers=args.workers)
             print(
-                json.dumps(
-                    {
-                        s: {"count": v["count"], "shards": len(v["shards"]), "skipped": len(v["skipped"])}
-                        for s, v in manifest["splits"].items()
-                    }
+                synth(
+                    args.dataset,
+                    args.out,
+                    args.n,
+                    args.size,
+                    args.seed,
+                    args.version,
+                    args.archive,
+                    args.columns,
                 )
             )
             return 0

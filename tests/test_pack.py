@@ -95,7 +95,8 @@ class _FlakySource:
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path):
-    m = pack(_FlakySource(), tmp_path, PackOptions(shard_size=3, min_shards=1), workers=1, progress=False)
+    opts = PackOptions(shard_size=3, min_shards=1, max_corrupt_frac=0.2)
+    m = pack(_FlakySource(), tmp_path, opts, workers=1, progress=False)
     train = m["splits"]["train"]
     assert train["count"] == 5
     assert len(train["skipped"]) == 1
@@ -119,3 +120,12 @@ def test_max_side_shrinks_at_pack_time(tmp_path):
     )
     assert decode(sample["img.jpg"]).shape == (40, 40, 3)
     assert decode(sample["mask.png"]).shape == (40, 40)
+
+
+def test_more_corrupt_images_than_allowed_fail_the_pack(tmp_path):
+    from retina_dist.data.manifest import DataError
+
+    opts = PackOptions(shard_size=3, min_shards=1, max_corrupt_frac=0.1)  # 1 of 6 is 17%
+    with pytest.raises(DataError, match=r"1 of 6 images unreadable, more than max_corrupt_frac=0.1"):
+        pack(_FlakySource(), tmp_path, opts, workers=1, progress=False)
+    assert (tmp_path / "manifest.json").exists()  # the record of what was skipped is kept

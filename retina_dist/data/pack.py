@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from retina_dist.data.codec import CorruptImage, decode, encode, fit_max_side
-from retina_dist.data.manifest import MANIFEST, write_json_atomic
+from retina_dist.data.manifest import MANIFEST, DataError, write_json_atomic
 from retina_dist.data.record import Item, Source
 
 STATE = ".pack-state.json"
@@ -37,6 +37,8 @@ class PackOptions:
     min_shards: int = 4  # so 2 ranks x 2 loader workers all get a shard of a small split
     max_side: int = 0  # 0 keeps the source's size
     keep_original: bool = False
+    image_format: str = "jpg"  # what a resized image is re-encoded as: jpg (quality 95), png, or keep
+    max_corrupt_frac: float = 0.05  # more unreadable images than this fails the pack
     seed: int = 0
 
 
@@ -92,8 +94,10 @@ def _prepare_images(images: dict[str, bytes], key: str, opts: PackOptions) -> di
     for name, data in images.items():
         arr = decode(data, f"{key}.{name}")  # raises CorruptImage
         if opts.max_side and max(arr.shape[:2]) > opts.max_side:
-            ext = os.path.splitext(name)[1]
-            out[name] = encode(fit_max_side(arr, opts.max_side, nearest=name.startswith("mask")), ext)
+            view, ext = os.path.splitext(name)
+            if opts.image_format != "keep" and not name.startswith("mask"):
+                ext = f".{opts.image_format}"
+            out[view + ext] = encode(fit_max_side(arr, opts.max_side, nearest=name.startswith("mask")), ext)
             if opts.keep_original:
                 out[f"orig.{name}"] = data
         else:
@@ -146,7 +150,10 @@ def pack(
     out.mkdir(parents=True, exist_ok=True)
     items = source.items()
     if not items:
-        raise ValueError(f"{source.name}: the source lists no samples")
+        raise DataError(f"{source.name}: the source lists no samples")
+    dupes = sorted(k for k, n in Counter(it.key for it in items).items() if n > 1)
+    if dupes:
+        raise DataError(f"{source.name}: {len(dupes)} duplicate sample keys, e.g. {', '.join(dupes[:5])}")
     splits = split_by_patient(items, opts)
     jobs = [
         (split, name, its)
@@ -179,14 +186,26 @@ def pack(
 
     manifest = _manifest(source, jobs, done, splits, options)
     write_json_atomic(out / MANIFEST, manifest)
+    skipped = sum(len(s["skipped"]) for s in manifest["splits"].values())
+    if skipped > opts.max_corrupt_frac * len(items):
+        raise DataError(
+            f"{out / MANIFEST}: {skipped} of {len(items)} images unreadable, more than "
+            f"max_corrupt_frac={opts.max_corrupt_frac}; e.g. "
+            + "; ".join(s["reason"] for sp in manifest["splits"].values() for s in sp["skipped"][:3])
+        )
     return manifest
 
 
 def _describe(source: Source) -> dict[str, Any]:
+    # Constructor arguments only: a re-run with the same ones may reuse verified shards.
     fields = getattr(source, "__dataclass_fields__", {})
     return {
         "name": source.name,
-        **{k: _plain(getattr(source, k)) for k in fields if k not in ("name", "task")},
+        **{
+            k: _plain(getattr(source, k))
+            for k, f in fields.items()
+            if f.init and k not in ("name", "task", "version")
+        },
     }
 
 
@@ -198,7 +217,9 @@ def _manifest(source, jobs, done, splits, options) -> dict[str, Any]:
     out: dict[str, Any] = {
         "dataset": source.name,
         "task": source.task.to_dict(),
+        "views": list(getattr(source, "views", ("img",))),
         "options": options,
+        "source_report": source.report() if hasattr(source, "report") else {},
         "splits": {},
     }
     for split in sorted(splits):
@@ -213,6 +234,11 @@ def _manifest(source, jobs, done, splits, options) -> dict[str, Any]:
             "shards": [{"name": sh["name"], "count": sh["count"], "sha256": sh["sha256"]} for sh in shards],
             "skipped": [s for sh in shards for s in sh["skipped"]],
         }
+    patients = {split: {it.patient for it in its} for split, its in splits.items()}
+    names = sorted(patients)
+    out["patient_overlap"] = {
+        f"{a}&{b}": len(patients[a] & patients[b]) for i, a in enumerate(names) for b in names[i + 1 :]
+    }
     return out
 
 

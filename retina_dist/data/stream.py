@@ -42,6 +42,7 @@ class StreamSpec:
     shuffle_buffer: int = 256
     with_masks: bool = False
     multilabel: bool = False
+    views: tuple[str, ...] = ("img",)  # images per sample (manifest "views"): ("left", "right") for ODIR
 
     @property
     def count(self) -> int:
@@ -158,8 +159,12 @@ class ShardStream(IterableDataset):
         key = raw["__key__"]
         try:
             meta = json.loads(raw["json"])
-            img_name = next(k for k in raw if k.startswith("img."))
-            image = decode(raw[img_name], f"{raw['__url__']}:{key}.{img_name}")
+            images = []
+            for view in self.spec.views:
+                name = next(k for k in raw if k.startswith(f"{view}."))
+                images.append(
+                    _channels(decode(raw[name], f"{raw['__url__']}:{key}.{name}"), self.spec.in_chans)
+                )
             mask = (
                 decode(raw["mask.png"], f"{key}.mask.png")
                 if self.spec.with_masks and "mask.png" in raw
@@ -169,22 +174,23 @@ class ShardStream(IterableDataset):
             self.corrupt += 1
             log.warning("skipping sample %s (%s); %d skipped so far in this worker", key, err, self.corrupt)
             return None
-        image = _channels(image, self.spec.in_chans)
-        if aug_seed is not None:
-            # Reseeded per sample position, so a resumed epoch augments exactly as the original did.
-            self.transform.set_random_seed(
-                int(
-                    np.random.SeedSequence([self.spec.seed, self.epoch, self.rank, *aug_seed]).generate_state(
-                        1
-                    )[0]
-                )
-            )
-        out = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
-        return {"key": meta["key"], "label": meta["label"], "image": out["image"], "mask": out.get("mask")}
+        out_images = []
+        for v, image in enumerate(images):
+            if aug_seed is not None:
+                # Reseeded per sample position (and view), so a resumed epoch augments exactly as before.
+                state = np.random.SeedSequence([self.spec.seed, self.epoch, self.rank, *aug_seed, v])
+                self.transform.set_random_seed(int(state.generate_state(1)[0]))
+            out = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
+            out_images.append(out["image"])
+        image = out_images[0] if len(out_images) == 1 else np.stack(out_images)
+        return {"key": meta["key"], "label": meta["label"], "image": image, "mask": out.get("mask")}
 
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         images = np.stack([s["image"] for s in batch])
-        images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+        if len(self.spec.views) > 1:  # B x V x H x W (x C) -> B x V x C x H x W
+            images = images[:, :, None] if images.ndim == 4 else images.transpose(0, 1, 4, 2, 3)
+        else:
+            images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
         dtype = torch.float32 if self.spec.multilabel else torch.long
         out = {
             "key": [s["key"] for s in batch],

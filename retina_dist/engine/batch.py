@@ -28,7 +28,8 @@ class Inputs:
 
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         x = batch["image"].to(self.device, non_blocking=True).float()
-        x = (x * self.scale + self.shift).contiguous(memory_format=self.memory_format)
+        x = x * self.scale + self.shift  # B x C x H x W, or B x V x C x H x W for multi-view samples
+        x = x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x.contiguous()
         return x, batch["target"].to(self.device, non_blocking=True)
 
 

@@ -113,7 +113,11 @@ class Trainer:
         self.manifest = load_manifest(d.shards)
         self.task: Task = build_task(self.manifest, cfg.optim.label_smoothing)
         common = dict(
-            image_size=d.image_size, in_chans=d.in_chans, seed=cfg.train.seed, multilabel=self.task.multilabel
+            image_size=d.image_size,
+            in_chans=d.in_chans,
+            seed=cfg.train.seed,
+            multilabel=self.task.multilabel,
+            views=tuple(self.manifest.get("views", ["img"])),
         )
         self.train_spec = StreamSpec(
             tuple(split_shards(d.shards, self.manifest, d.train_split)),
