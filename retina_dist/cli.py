@@ -96,19 +96,43 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _pack_for(cfg: Config) -> None:
+    """Pack the preset's dataset if its shards are missing: from ``data.src`` when given, else from
+    the dataset's synthetic twin written in its real layout (no download needed)."""
+    from retina_dist.data.archive import resolve_src
     from retina_dist.data.manifest import MANIFEST
     from retina_dist.data.pack import PackOptions, pack
-    from retina_dist.data.sources import build_source
+    from retina_dist.data.sources import SYNTHETIC, build_source
 
-    if (Path(cfg.data.shards) / MANIFEST).exists():
+    d = cfg.data
+    out = Path(d.shards)
+    if (out / MANIFEST).exists():
         return
-    if not cfg.data.dataset.startswith("synthetic"):
-        raise ConfigError(
-            f"{cfg.data.shards}: not packed; run `retina-dist pack {cfg.data.dataset} --src … "
-            f"--out {cfg.data.shards}` first"
+    progress = sys.stderr.isatty()
+    if d.dataset in SYNTHETIC:
+        source = build_source(d.dataset, n=d.n, image_size=d.pack_size, seed=cfg.train.seed)
+        pack(source, out, PackOptions(seed=cfg.train.seed), progress=progress)
+        return
+    from retina_dist.data.synth_layouts import synth
+
+    extract = out.with_name(out.name + ".extracted")
+    if d.src:
+        src = resolve_src(d.src, extract)
+        oct_src = resolve_src(d.oct_src, extract) if d.oct_src else None
+    else:
+        twin = out.with_name(out.name + ".synthetic-src")
+        log.warning(
+            "data.src is empty: packing a synthetic %s twin (%d samples) written to %s", d.dataset, d.n, twin
         )
-    source = build_source(cfg.data.dataset, n=cfg.data.n, image_size=cfg.data.pack_size, seed=cfg.train.seed)
-    pack(source, cfg.data.shards, PackOptions(seed=cfg.train.seed), progress=sys.stderr.isatty())
+        if d.dataset == "fusion":
+            src = synth("aptos", twin / "aptos", d.n, d.pack_size, cfg.train.seed)
+            oct_src = synth("kermany", twin / "kermany", d.n, d.pack_size, cfg.train.seed)
+        else:
+            src, oct_src = synth(d.dataset, twin, d.n, d.pack_size, cfg.train.seed), None
+    try:
+        source = build_source(d.dataset, src=src, oct_src=oct_src, seed=cfg.train.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    pack(source, out, PackOptions(max_side=512, seed=cfg.train.seed), progress=progress)
 
 
 def _pack_command(args: argparse.Namespace) -> int:

@@ -30,7 +30,11 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 class DataConfig:
     dataset: str = "synthetic"
     shards: str = "shards/synthetic"  # folder holding manifest.json and the tar shards
-    n: int = 2000  # synthetic only: samples to generate when packing
+    # A real dataset's folder or archive, packed by `run` when the shards are missing. Empty: the
+    # dataset's synthetic twin (`retina-dist synth`, n samples) is written and packed instead.
+    src: str = ""
+    oct_src: str = ""  # fusion: the Kermany folder or archive (src is APTOS)
+    n: int = 2000  # synthetic: samples to generate when packing
     pack_size: int = 128  # synthetic: generated size; real datasets: --max-side at pack time
     image_size: int = 64  # network input size
     in_chans: int = 3
@@ -45,11 +49,23 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "convnext_atto"  # any timm model name
+    name: str = "convnext_atto"  # any timm model name (the shared backbone for dual_eye)
+    arch: str = "single"  # single | dual_eye (ODIR left+right) | late_fusion (fundus+OCT encoders)
     pretrained: str = ""  # a local .safetensors/.pth file; compute nodes are offline
     drop_path: float = 0.0
     channels_last: bool = False
     compile: bool = False
+    grad_checkpointing: bool = False
+    heads: int = 8  # dual_eye: cross-attention heads
+    embed_dim: int = 256  # dual_eye: per-eye projection width; late_fusion: MLP hidden width
+    # late_fusion: the two frozen encoders, each a run folder (its latest checkpoint) or a weights file
+    fundus_encoder: str = ""
+    fundus_name: str = "resnet18"
+    oct_encoder: str = ""
+    oct_name: str = "resnet18"
+
+    def __post_init__(self) -> None:
+        _choice("model.arch", self.arch, ("single", "dual_eye", "late_fusion"))
 
 
 @dataclass
@@ -60,6 +76,16 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still computed and checked)
     label_smoothing: float = 0.0
+    backbone_lr_mult: float = 1.0  # lr factor for the backbone (dual_eye reference: 0.1)
+    # auto: cross-entropy (multiclass) or BCE (multilabel) | ce | bce | focal | hybrid
+    # (0.5 weighted BCE + 0.5 focal, the ODIR recipe)
+    loss: str = "auto"
+    pos_weight: bool = False  # BCE: per-class (negatives / positives) from the manifest's train histogram
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        _choice("optim.loss", self.loss, ("auto", "ce", "bce", "focal", "hybrid"))
 
 
 @dataclass
@@ -152,6 +178,13 @@ def load_config(preset: str = "synthetic", overrides: list[str] = (), smoke: boo
     layers = [OmegaConf.load(preset_path(preset))]
     if smoke:
         layers.append(OmegaConf.load(SMOKE))
+        # A smoke run packs and trains apart, so its tiny shards never stand in for the preset's own.
+        base = OmegaConf.merge(OmegaConf.structured(Config), *layers)
+        layers.append(
+            OmegaConf.create(
+                {"run_dir": f"{base.run_dir}-smoke", "data": {"shards": f"{base.data.shards}-smoke"}}
+            )
+        )
     try:
         merged = OmegaConf.merge(
             OmegaConf.structured(Config), *layers, OmegaConf.from_dotlist(list(overrides))

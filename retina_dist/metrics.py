@@ -27,6 +27,7 @@ def multiclass(target: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) 
         "auroc_ovr": auc,
         "macro_auroc": float(np.mean(defined)) if defined else None,
         "qwk": float(skm.cohen_kappa_score(target, pred, labels=labels, weights="quadratic")),
+        "ece": expected_calibration_error(probs.max(1), (pred == target).astype(float)),
         "confusion_matrix": skm.confusion_matrix(target, pred, labels=labels).tolist(),
     }
 
@@ -44,7 +45,14 @@ def multilabel(
         for i in range(len(classes))
         if target[:, i].any()
     ]
-    return {
+    flat_t, flat_p, flat_pred = target.ravel(), probs.ravel(), pred.ravel()
+    # ODIR-5K challenge score: kappa, F1 and AUC over all (sample, label) pairs at the 0.5 threshold
+    odir_parts = [
+        float(skm.cohen_kappa_score(flat_t, flat_pred)),
+        float(skm.f1_score(flat_t, flat_pred, average="micro", zero_division=0)),
+        _auroc(flat_t, flat_p) or 0.0,
+    ]
+    out = {
         "n": int(len(target)),
         "micro_f1": float(skm.f1_score(target, pred, average="micro", zero_division=0)),
         "macro_f1": float(np.mean(f1)),
@@ -52,4 +60,24 @@ def multilabel(
         "auroc": auc,
         "macro_auroc": float(np.mean(defined)) if defined else None,
         "mAP": float(np.mean(ap)) if ap else None,
+        "odir_score": float(np.mean(odir_parts)),
+        "odir_kappa_f1_auc": odir_parts,
+        "ece": expected_calibration_error(flat_p, flat_t.astype(float)),
     }
+    if out["macro_auroc"] is not None and out["mAP"] is not None:
+        out["riadd_score"] = (out["macro_auroc"] + out["mAP"]) / 2  # RIADD: mean(macro AUROC, mAP)
+    if "Disease_Risk" in classes:
+        out["disease_risk_auroc"] = auc["Disease_Risk"]
+    return out
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Sum over equal-width confidence bins of |accuracy - mean confidence| x bin share."""
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(ece)

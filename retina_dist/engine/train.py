@@ -23,7 +23,7 @@ from retina_dist.engine.checkpoint import Checkpointer, ResumeError
 from retina_dist.engine.evaluate import predict, report
 from retina_dist.engine.monitor import Monitor, setup_logging
 from retina_dist.engine.strategy import build_strategy
-from retina_dist.models import build_model
+from retina_dist.models import backbone_parameters, build_model
 from retina_dist.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,26 @@ class Preemption:
         self.requested = True
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0
+) -> torch.optim.Optimizer:
+    """AdamW; norms and biases are not decayed; the backbone may learn at a fraction of the head's lr."""
+    backbone = backbone_parameters(model) if backbone_lr_mult != 1.0 else set()
+    groups: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)  # norms and biases are not decayed
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+            groups.setdefault((id(p) in backbone, p.ndim <= 1), []).append(p)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "lr": lr * (backbone_lr_mult if in_backbone else 1.0),
+                "weight_decay": 0.0 if no_decay else weight_decay,
+            }
+            for (in_backbone, no_decay), params in sorted(groups.items())
+        ],
+        lr=lr,
+    )
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor: float) -> Any:
@@ -111,7 +124,7 @@ class Trainer:
 
         d = cfg.data
         self.manifest = load_manifest(d.shards)
-        self.task: Task = build_task(self.manifest, cfg.optim.label_smoothing)
+        self.task: Task = build_task(self.manifest, cfg.optim, d.train_split)
         common = dict(
             image_size=d.image_size,
             in_chans=d.in_chans,
@@ -141,7 +154,7 @@ class Trainer:
         total = self.steps_per_epoch * cfg.train.epochs
 
         model = build_model(cfg.model, self.task.num_classes, d.in_chans)
-        optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)
+        optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.backbone_lr_mult)
         scheduler = warmup_cosine(
             optimizer, round(cfg.optim.warmup_epochs * self.steps_per_epoch), total, cfg.optim.min_lr_ratio
         )
