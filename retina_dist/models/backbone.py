@@ -93,4 +93,7 @@ def head_prefix(model: nn.Module) -> str:
 def tokens(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Spatial features as a token sequence B x N x C (CNN maps flattened; ViT tokens as they are)."""
     f = backbone.forward_features(x)
+    norm = getattr(getattr(backbone, "head", None), "norm", None)
+    if f.ndim == 4 and isinstance(norm, nn.Module):
+        f = norm(f)  # ConvNeXt normalises its final map in the head; unused parameters would stall DDP
     return f.flatten(2).transpose(1, 2) if f.ndim == 4 else f
