@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", action="append", help="split(s) to evaluate (default: the run's eval.splits)")
     ev.add_argument("--nproc", type=int, default=1)
     ev.add_argument("--weights", help="evaluate this plain state dict (e.g. from consolidate) instead")
+    cm = sub.add_parser(
+        "cam", help="class activation maps for a run, exact-once across ranks, scored on lesions"
+    )
+    cm.add_argument("--run-dir", required=True)
+    cm.add_argument("--split", help="default: the run's cam.split (val)")
+    cm.add_argument("--method", help="gradcam | gradcam++ | xgradcam | layercam | eigencam")
+    cm.add_argument("--select", help="all | errors | correct | per-class:K")
+    cm.add_argument("--limit", type=int, help="at most N samples (0: all)")
+    cm.add_argument("--target-layer", help="module path to explain instead of the family's default")
+    cm.add_argument("--nproc", type=int, default=1)
     co = sub.add_parser(
         "consolidate", help="a run's latest checkpoint (ZeRO shards too) -> one plain state dict"
     )
@@ -249,6 +259,37 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cam(args: argparse.Namespace) -> int:
+    cfg = load_config(str(Path(args.run_dir) / "config.yaml"))
+    c = cfg.cam
+    split, method = args.split or c.split, args.method or c.method
+    how = args.select or c.select
+    limit = c.limit if args.limit is None else args.limit
+    layer = args.target_layer if args.target_layer is not None else c.target_layer
+    if args.nproc > 1:
+        argv = [
+            "cam",
+            "--run-dir",
+            args.run_dir,
+            "--split",
+            split,
+            "--method",
+            method,
+            "--select",
+            how,
+            "--limit",
+            str(limit),
+            "--target-layer",
+            layer,
+        ]
+        launch_local(args.nproc, argv)
+        return 0
+    from retina_dist.cam.runner import run_cam
+
+    run_cam(cfg, split, method, limit, how, layer)
+    return 0
+
+
 def _consolidate(args: argparse.Namespace) -> int:
     from retina_dist.engine.checkpoint import Checkpointer, load, save_atomic
 
@@ -284,7 +325,21 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _config(args)  # validated before any process starts
             if args.command == "run":
                 _pack_for(cfg)
-            return _train(cfg, args.nproc)
+            code = _train(cfg, args.nproc)
+            if args.command == "run" and code == 0 and cfg.cam.enabled:
+                cam_args = argparse.Namespace(
+                    run_dir=cfg.run_dir,
+                    split=None,
+                    method=None,
+                    select=None,
+                    limit=None,
+                    target_layer=None,
+                    nproc=args.nproc,
+                )
+                return _cam(cam_args)
+            return code
+        if args.command == "cam":
+            return _cam(args)
         if args.command == "eval":
             return _eval(args)
         if args.command == "pack":

@@ -117,6 +117,18 @@ class EvalConfig:
 
 
 @dataclass
+class CamConfig:
+    """The CAM pass at the end of `retina-dist run` (and the defaults of `retina-dist cam`)."""
+
+    enabled: bool = True
+    split: str = "val"
+    method: str = "gradcam"  # gradcam | gradcam++ | xgradcam | layercam | eigencam
+    select: str = "per-class:4"  # all | errors | correct | per-class:K
+    limit: int = 40  # at most this many samples (0: no limit)
+    target_layer: str = ""  # a module path; empty: the family's default
+
+
+@dataclass
 class DeepSpeedConfig:
     """Used when train.strategy=deepspeed; the DeepSpeed JSON is generated from this and train/optim."""
 
@@ -155,6 +167,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
