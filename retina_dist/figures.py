@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 
 def confusion(cm: np.ndarray, classes: tuple[str, ...], normalise: bool, title: str) -> Figure:
@@ -50,6 +50,53 @@ def roc(target_onehot: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], 
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def pr(target_onehot: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], title: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=110)
+    for i, c in enumerate(classes):
+        y = target_onehot[:, i]
+        if y.sum() > 0:
+            prec, rec, _ = precision_recall_curve(y, probs[:, i])
+            ax.plot(rec, prec, label=f"{c} (prevalence {y.mean():.2f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, title: str, bins: int = 15) -> Figure:
+    """Accuracy per confidence bin against the diagonal of perfect calibration, with bin counts."""
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    acc = np.array([correct[idx == b].mean() if (idx == b).any() else np.nan for b in range(bins)])
+    count = np.bincount(idx, minlength=bins)
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.5, 5), dpi=110, height_ratios=[3, 1], sharex=True)
+    ax.bar(centres, np.nan_to_num(acc), width=1 / bins, edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    axc.bar(centres, count, width=1 / bins, color="grey")
+    axc.set_xlabel("confidence")
+    axc.set_ylabel("samples")
+    fig.tight_layout()
+    return fig
+
+
+def f1_bars(per_class: dict[str, float], title: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(per_class), 3.2), dpi=110)
+    ax.bar(list(per_class), list(per_class.values()), color="tab:blue")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     return fig
 

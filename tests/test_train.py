@@ -59,7 +59,14 @@ def test_two_process_training_learns_and_writes_the_run_folder(trained, shards):
     assert len(rows) == n_val and len({r["key"] for r in rows}) == n_val
     assert list(rows[0])[:2] == ["key", "target"]
     assert abs(sum(float(v) for k, v in rows[0].items() if k.startswith("prob_")) - 1) < 1e-4
-    for name in ("val_confusion.png", "val_confusion_norm.png", "val_roc.png"):
+    for name in (
+        "val_confusion.png",
+        "val_confusion_norm.png",
+        "val_roc.png",
+        "val_pr.png",
+        "val_reliability.png",
+        "val_f1.png",
+    ):
         assert (run_dir / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "config.yaml").exists() and (run_dir / "train.log").exists()
 
@@ -75,6 +82,7 @@ def test_tensorboard_events_hold_the_logged_scalars_and_figures(trained):
     lr = [v for _, v in _scalars(run_dir, "train/lr")]
     assert max(lr) <= 3e-3 + 1e-9 and lr[-1] < max(lr)  # warmup then cosine decay
     assert "val/confusion" in tags["images"] and "val/roc" in tags["images"]
+    assert "val/reliability" in tags["images"] and "val/pr" in tags["images"]
     steps = [s for s, _ in _scalars(run_dir, "val/accuracy")]
     assert len(steps) == 6 and steps == sorted(steps)
 

@@ -116,7 +116,16 @@ def report(
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
     onehot = target if task.multilabel else np.eye(task.num_classes)[target]
-    figs = {"roc": figures.roc(onehot, preds.probs, task.classes, f"ROC — {split}")}
+    figs = {
+        "roc": figures.roc(onehot, preds.probs, task.classes, f"ROC — {split}"),
+        "pr": figures.pr(onehot, preds.probs, task.classes, f"precision-recall — {split}"),
+        "f1": figures.f1_bars(m["per_class_f1"], f"per-class F1 — {split}"),
+    }
+    if task.multilabel:
+        conf, correct = preds.probs.ravel(), target.ravel().astype(float)
+    else:
+        conf, correct = preds.probs.max(1), (preds.probs.argmax(1) == target).astype(float)
+    figs["reliability"] = figures.reliability(conf, correct, f"reliability (ECE {m['ece']:.3f}) — {split}")
     if not task.multilabel:
         cm = np.array(m["confusion_matrix"])
         figs["confusion"] = figures.confusion(cm, task.classes, False, f"confusion — {split}")
