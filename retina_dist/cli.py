@@ -51,6 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--limit", type=int, help="at most N samples (0: all)")
     cm.add_argument("--target-layer", help="module path to explain instead of the family's default")
     cm.add_argument("--nproc", type=int, default=1)
+    bn = sub.add_parser(
+        "bench", help="measured throughput beside its baselines: data | step | eval | pack | all"
+    )
+    bn.add_argument("what", choices=("data", "step", "eval", "pack", "all"))
+    bn.add_argument("--out", default="runs/bench", help="folder for <what>.json")
+    bn.add_argument("--work", help="scratch folder for generated images and shards (default: <out>/work)")
+    bn.add_argument("--n", type=int, default=64, help="images generated for data/pack (eval: 4x)")
+    bn.add_argument("--height", type=int, default=1500, help="source fundus height in px (width 4/3 of it)")
+    bn.add_argument("--max-side", type=int, default=512)
+    bn.add_argument("--model", default="resnet18")
+    bn.add_argument("--image-size", type=int, default=224)
+    bn.add_argument("--batch", type=int, default=32)
+    bn.add_argument("--batches", type=int, default=12, help="batches timed per measurement")
+    bn.add_argument("--steps", type=int, default=10)
+    bn.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    bn.add_argument("--workers", type=int, nargs="*", help="loader worker counts (default 1..cores)")
     co = sub.add_parser(
         "consolidate", help="a run's latest checkpoint (ZeRO shards too) -> one plain state dict"
     )
@@ -290,6 +306,42 @@ def _cam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from retina_dist.bench import common
+
+    out = Path(args.out)
+    work = Path(args.work or out / "work")
+    what = ["data", "step", "eval", "pack"] if args.what == "all" else [args.what]
+    for w in what:
+        if w == "data":
+            from retina_dist.bench import data
+
+            res = data.run(
+                work / "data",
+                args.n,
+                args.height,
+                args.image_size,
+                args.batch,
+                args.batches,
+                args.max_side,
+                args.workers,
+            )
+        elif w == "step":
+            from retina_dist.bench import step
+
+            res = step.run(args.model, args.image_size, args.batch, args.steps, args.amp)
+        elif w == "eval":
+            from retina_dist.bench import evalpack
+
+            res = evalpack.run_eval(work / "eval", 4 * args.n, args.model, min(args.image_size, 128))
+        else:
+            from retina_dist.bench import evalpack
+
+            res = evalpack.run_pack(work / "pack", args.n, args.height, args.max_side)
+        print(f"-> {common.write(res, out / f'{w}.json')}\n")
+    return 0
+
+
 def _consolidate(args: argparse.Namespace) -> int:
     from retina_dist.engine.checkpoint import Checkpointer, load, save_atomic
 
@@ -340,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             return code
         if args.command == "cam":
             return _cam(args)
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "eval":
             return _eval(args)
         if args.command == "pack":

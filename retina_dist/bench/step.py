@@ -1,0 +1,149 @@
+"""bench step: the toolkit's train step (uint8 -> device normalisation, autocast, loss from the task,
+strategy backward, clip + non-finite check + step + schedule) vs a bare model/loss/backward/step loop
+on the same model, batch and device; and 2 gloo ranks vs 1."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from retina_dist.bench.common import table
+from retina_dist.config import Config
+from retina_dist.dist import DistEnv
+from retina_dist.engine.batch import Inputs, autocast
+from retina_dist.engine.strategy import DDPStrategy
+from retina_dist.engine.train import build_optimizer, warmup_cosine
+from retina_dist.models.backbone import create
+from retina_dist.tasks import Task
+
+
+def _setup(model_name: str, image_size: int, batch: int, classes: int = 5, seed: int = 0):
+    torch.manual_seed(seed)
+    model = create(model_name, classes, 3)
+    x = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
+    y = torch.randint(0, classes, (batch,))
+    return model, x, y
+
+
+def _timed(step, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - start
+
+
+def bare(model_name: str, image_size: int, batch: int, steps: int, device: torch.device) -> float:
+    model, x, y = _setup(model_name, image_size, batch)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    xf, y = (x.float() / 255).to(device), y.to(device)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(xf), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return batch * steps / _timed(step, steps)
+
+
+def toolkit(
+    model_name: str,
+    image_size: int,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    amp: str = "none",
+    env: DistEnv | None = None,
+) -> float:
+    env = env or DistEnv()
+    model, x, y = _setup(model_name, image_size, batch)
+    opt = build_optimizer(model, 1e-4, 0.05)
+    strategy = DDPStrategy(model, opt, warmup_cosine(opt, 1, 10**6, 0.01), env, device, amp)
+    cfg = Config()
+    inputs = Inputs(cfg.data.mean, cfg.data.std, 3, device)
+    task = Task("multiclass", tuple("abcde"))
+    strategy.model.train()
+    batch_dict = {"image": x, "target": y}
+
+    def step() -> None:
+        xb, yb = inputs(batch_dict)
+        with strategy.accumulating(last=True), autocast(device, amp):
+            loss = task.loss(strategy.model(xb), yb)
+        strategy.backward(loss)
+        strategy.clip_and_step(1.0)
+
+    return batch * steps / _timed(step, steps)
+
+
+def _rank(rank: int, world: int, port: int, args: tuple, out: Any) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        env = DistEnv(rank=rank, world_size=world, launcher="bench")
+        rate = toolkit(*args, env=env)
+        out.put((rank, rate))
+    finally:
+        dist.destroy_process_group()
+
+
+def ranks(world: int, args: tuple) -> float:
+    """Total img/s of ``world`` gloo ranks, each on one thread."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    mp.start_processes(_rank, args=(world, port, args, out), nprocs=world, start_method="spawn", join=True)
+    rates = [out.get()[1] for _ in range(world)]
+    return sum(rates)
+
+
+def run(model_name: str, image_size: int, batch: int, steps: int, amp: str = "none") -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
+    b = bare(model_name, image_size, batch, steps, device)
+    t = toolkit(model_name, image_size, batch, steps, device, amp)
+    one = ranks(1, (model_name, image_size, batch, steps, device))
+    two = ranks(2, (model_name, image_size, batch, steps, device))
+    res = {
+        "model": model_name,
+        "image_size": image_size,
+        "batch": batch,
+        "steps": steps,
+        "device": str(device),
+        "threads": threads,
+        "bare_img_s": b,
+        "toolkit_img_s": t,
+        "toolkit_over_bare": t / b,
+        "one_rank_img_s": one,
+        "two_ranks_img_s": two,
+        "scaling_efficiency_2": two / (2 * one),
+        "cpu_count": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(
+        table(
+            f"bench step: {model_name} {image_size} px, batch {batch}/rank, {steps} steps, {device}",
+            ["", "img/s", "ratio"],
+            [
+                ["bare loop", b, ""],
+                ["toolkit step", t, f"{t / b:.3f}"],
+                ["1 gloo rank (1 thread)", one, ""],
+                ["2 gloo ranks (1 thread each)", two, f"{two / (2 * one):.3f} scaling"],
+            ],
+        )
+    )
+    return res
