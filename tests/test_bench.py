@@ -1,0 +1,60 @@
+"""`retina-dist bench` runs every subcommand at a tiny size and writes well-formed JSON with positive
+figures. No speed is asserted here: speeds are what the command reports."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_cli
+
+
+def _positive(obj, path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _positive(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _positive(v, f"{path}[{i}]")
+    elif isinstance(obj, float):
+        assert obj > 0, f"{path} = {obj}"
+
+
+def test_bench_all_at_tiny_size(tmp_path):
+    proc = run_cli(
+        "bench",
+        "all",
+        "--out",
+        str(tmp_path),
+        "--n",
+        "12",
+        "--height",
+        "80",
+        "--image-size",
+        "48",
+        "--batch",
+        "4",
+        "--batches",
+        "2",
+        "--steps",
+        "2",
+        "--model",
+        "resnet10t",
+        "--workers",
+        "1",
+        "2",
+        timeout=900,
+    )
+    for title in ("bench data", "bench step", "bench eval", "bench pack"):
+        assert title in proc.stdout
+    data = json.loads((tmp_path / "data.json").read_text())
+    assert [r["workers"] for r in data["rows"]] == [1, 2]
+    for r in data["rows"]:
+        assert r["stream_over_baseline"] == r["stream_img_s"] / r["baseline_img_s"]
+    step = json.loads((tmp_path / "step.json").read_text())
+    assert step["toolkit_over_bare"] == step["toolkit_img_s"] / step["bare_img_s"]
+    assert step["scaling_efficiency_2"] == step["two_ranks_img_s"] / (2 * step["one_rank_img_s"])
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    packing = json.loads((tmp_path / "pack.json").read_text())
+    assert evaluation["n"] == 48 and {r["processes"] for r in packing["rows"]} >= {1}
+    for res in (data, step, evaluation, packing):
+        _positive(res)
