@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from retina_dist.data.augment import build_transform
+from retina_dist.data.augment import build_transform, prescale
 from retina_dist.data.codec import CorruptImage, decode
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class ShardStream(IterableDataset):
                     _channels(decode(raw[name], f"{raw['__url__']}:{key}.{name}"), self.spec.in_chans)
                 )
             mask = (
-                decode(raw["mask.png"], f"{key}.mask.png")
+                prescale(decode(raw["mask.png"], f"{key}.mask.png"), self.spec.image_size, nearest=True)
                 if self.spec.with_masks and "mask.png" in raw
                 else None
             )
