@@ -41,10 +41,15 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 256
     augment: bool = True
+    balance: str = "none"  # none | repeat: class-balanced repeat-factor sampling in the training stream
+    repeat_thresh: float = 0.0  # repeat-factor threshold t (0: the largest class share)
     train_split: str = "train"
     val_split: str = "val"
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+    def __post_init__(self) -> None:
+        _choice("data.balance", self.balance, ("none", "repeat"))
 
 
 @dataclass
@@ -114,6 +119,8 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated after training
     batch_size: int = 64
     every_epochs: int = 1  # validation during training; 0 = only at the end
+    tta: bool = False  # average the probabilities of the image and its horizontal flip
+    calibrate: bool = True  # fit a temperature (and multi-label thresholds) on val, apply to other splits
 
 
 @dataclass

@@ -43,6 +43,7 @@ class StreamSpec:
     with_masks: bool = False
     multilabel: bool = False
     views: tuple[str, ...] = ("img",)  # images per sample (manifest "views"): ("left", "right") for ODIR
+    repeat: tuple[float, ...] = ()  # per-class repeat factors for class-balanced training (empty: off)
 
     @property
     def count(self) -> int:
@@ -70,6 +71,34 @@ def _shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> I
         yield s
     rng.shuffle(buf)
     yield from buf
+
+
+def repeat_factors(
+    histogram: dict[str, int], count: int, classes: tuple[str, ...], thresh: float = 0.0
+) -> tuple:
+    """Repeat-factor sampling (Gupta et al., LVIS 2019) for a stream with no random access: class c
+    is repeated r_c = max(1, sqrt(t / f_c)) times on average, f_c its share of the split and t the
+    threshold (0: the largest share, so the commonest class is never repeated)."""
+    freq = np.array([histogram.get(c, 0) / max(count, 1) for c in classes])
+    t = thresh or float(freq.max())
+    return tuple(float(max(1.0, np.sqrt(t / f))) if f > 0 else 1.0 for f in freq)
+
+
+def _repeated(
+    samples: Iterator[dict], factors: tuple[float, ...], rng: np.random.Generator
+) -> Iterator[dict]:
+    """Each raw sample floor(r) times plus once more with probability frac(r); r from its label (the
+    largest factor of its positive classes when multi-label). The label is read from the sample's
+    small JSON, never by decoding the image."""
+    for s in samples:
+        label = json.loads(s["json"])["label"]
+        if isinstance(label, list):
+            r = max([factors[i] for i, v in enumerate(label) if v] or [1.0])
+        else:
+            r = factors[label]
+        n = int(r) + int(rng.random() < r - int(r))
+        for _ in range(n):
+            yield s
 
 
 class ShardStream(IterableDataset):
@@ -135,6 +164,10 @@ class ShardStream(IterableDataset):
             stream = _read([mine[i] for i in rng.permutation(len(mine))])
             if not by_shard:
                 stream = (s for i, s in enumerate(stream) if i % total == gw)
+            if spec.repeat:
+                stream = _repeated(
+                    stream, spec.repeat, np.random.default_rng([spec.seed, self.epoch, gw, cycle, 1])
+                )
             yield from _shuffled(stream, spec.shuffle_buffer, rng)
             cycle += 1
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn import metrics as skm
 from torch import nn
 
-from retina_dist import dist, figures
+from retina_dist import calibration, dist, figures, metrics
 from retina_dist.data.manifest import write_json_atomic
 from retina_dist.data.stream import StreamSpec, make_loader
 from retina_dist.engine.batch import Inputs, autocast
@@ -49,8 +50,10 @@ def predict(
     task: Task,
     workers: int,
     amp: str = "none",
+    tta: bool = False,
 ) -> Predictions | None:
-    """Predictions for the whole split on rank 0 (None elsewhere)."""
+    """Predictions for the whole split on rank 0 (None elsewhere); ``tta`` averages the
+    probabilities of each image and its horizontal flip."""
     was_training = module.training
     module.eval()
     keys: list[str] = []
@@ -58,10 +61,12 @@ def predict(
     for batch in make_loader(spec, env.rank, env.world_size, workers):
         x, y = inputs(batch)
         with autocast(inputs.device, amp):
-            logits = module(x)
+            p = task.probabilities(module(x))
+            if tta:
+                p = (p + task.probabilities(module(x.flip(-1)))) / 2
         keys += batch["key"]
         targets.append(y.cpu())
-        probs.append(task.probabilities(logits).cpu())
+        probs.append(p.float().cpu())
     module.train(was_training)
     local = (keys, _cat(targets), _cat(probs))
     parts = dist.gather_objects(local)
@@ -101,12 +106,59 @@ def write_predictions(preds: Predictions, task: Task, path: Path) -> None:
             w.writerow([preds.keys[i], *tcols, *[f"{p:.6f}" for p in preds.probs[i]]])
 
 
+def calibrate(preds: Predictions, task: Task, split: str, val_split: str, run_dir: Path) -> dict[str, Any]:
+    """Fit the temperature (and multi-label thresholds) on ``val_split``; apply them to other splits.
+    Returns the extra metrics; the fitted values live in ``run_dir/calibration.json``."""
+    path = run_dir / "calibration.json"
+    target = preds.target.astype(int)
+    if split == val_split:
+        fitted = {
+            "split": split,
+            "temperature": calibration.fit_temperature(preds.probs, target, task.multilabel),
+        }
+        if task.multilabel:
+            fitted["thresholds"] = dict(
+                zip(task.classes, calibration.tune_thresholds(target, preds.probs), strict=True)
+            )
+        write_json_atomic(path, fitted)
+    elif path.exists():
+        fitted = json.loads(path.read_text())
+    else:
+        return {}
+    t = fitted["temperature"]
+    scaled = calibration.apply_temperature(preds.probs, t, task.multilabel)
+    if task.multilabel:
+        conf, correct = scaled.ravel(), target.ravel().astype(float)
+    else:
+        conf, correct = scaled.max(1), (scaled.argmax(1) == target).astype(float)
+    out: dict[str, Any] = {
+        "temperature": t,
+        "ece_calibrated": metrics.expected_calibration_error(conf, correct),
+    }
+    if task.multilabel:
+        thr = np.array([fitted["thresholds"][c] for c in task.classes])
+        pred = (preds.probs >= thr).astype(int)
+        out["micro_f1_tuned"] = float(skm.f1_score(target, pred, average="micro", zero_division=0))
+        out["macro_f1_tuned"] = float(skm.f1_score(target, pred, average="macro", zero_division=0))
+        out["thresholds_from"] = fitted["split"]
+    return out
+
+
 def report(
-    preds: Predictions, task: Task, split: str, run_dir: Path, monitor: Any, step: int
+    preds: Predictions,
+    task: Task,
+    split: str,
+    run_dir: Path,
+    monitor: Any,
+    step: int,
+    val_split: str | None = None,
 ) -> dict[str, Any]:
-    """Metrics, predictions CSV and figures for one split (rank 0)."""
+    """Metrics, predictions CSV and figures for one split (rank 0). With ``val_split``, calibration
+    is fitted on it and applied to the other splits."""
     target = preds.target.astype(int)
     m = task.metrics(target, preds.probs)
+    if val_split is not None:
+        m.update(calibrate(preds, task, split, val_split, run_dir))
     write_predictions(preds, task, run_dir / "predictions" / f"{split}.csv")
     path = run_dir / "metrics.json"
     allm = json.loads(path.read_text()) if path.exists() else {}

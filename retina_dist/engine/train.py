@@ -17,7 +17,7 @@ from torch import nn
 from retina_dist import dist
 from retina_dist.config import Config, save_config, to_dict
 from retina_dist.data.manifest import DataError, load_manifest, split_shards, write_text_atomic
-from retina_dist.data.stream import StreamSpec, batches_per_rank, make_loader
+from retina_dist.data.stream import StreamSpec, batches_per_rank, make_loader, repeat_factors
 from retina_dist.engine.batch import Inputs, autocast
 from retina_dist.engine.checkpoint import Checkpointer, ResumeError
 from retina_dist.engine.evaluate import predict, report
@@ -132,10 +132,19 @@ class Trainer:
             multilabel=self.task.multilabel,
             views=tuple(self.manifest.get("views", ["img"])),
         )
+        repeat: tuple[float, ...] = ()
+        if d.balance == "repeat":
+            split = self.manifest["splits"][d.train_split]
+            repeat = repeat_factors(split["histogram"], split["count"], self.task.classes, d.repeat_thresh)
+            log.info(
+                "class-balanced sampling, repeat factors %s",
+                dict(zip(self.task.classes, repeat, strict=True)),
+            )
         self.train_spec = StreamSpec(
             tuple(split_shards(d.shards, self.manifest, d.train_split)),
             cfg.train.batch_size,
             train=True,
+            repeat=repeat,
             augment=d.augment,
             shuffle_buffer=d.shuffle_buffer,
             **common,
@@ -262,10 +271,12 @@ class Trainer:
             self.task,
             self.cfg.data.workers,
             self.cfg.train.amp,
+            self.cfg.eval.tta,
         )
         if preds is None:
             return False
-        m = report(preds, self.task, split, self.run_dir, self.monitor, self.state.step)
+        val = self.cfg.data.val_split if self.cfg.eval.calibrate else None
+        m = report(preds, self.task, split, self.run_dir, self.monitor, self.state.step, val)
         score = m.get("accuracy", m.get("macro_auroc")) or 0.0
         log.info(
             "%s after epoch %d: %s",
