@@ -238,3 +238,13 @@ def test_expected_calibration_error_on_known_cases():
     conf = np.array([0.2, 0.2, 0.8, 0.8])
     correct = np.array([0.0, 0.0, 1.0, 1.0])
     assert metrics.expected_calibration_error(conf, correct) == pytest.approx(0.5 * 0.2 + 0.5 * 0.2)
+
+
+def test_compiled_model_matches_eager_and_keeps_checkpoint_keys():
+    torch.manual_seed(0)
+    eager = build_model(ModelConfig(name="resnet10t"), 5, 3).eval()
+    compiled = build_model(ModelConfig(name="resnet10t", compile=True), 5, 3).eval()
+    compiled.load_state_dict(eager.state_dict())  # same keys: no "_orig_mod." prefix
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), eager(x), atol=1e-4)

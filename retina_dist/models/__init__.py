@@ -50,6 +50,8 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> nn.Module:
             load_pretrained(model, cfg.pretrained)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile()  # in place: state_dict keys stay unprefixed, so checkpoints are unchanged
     return model
 
 
