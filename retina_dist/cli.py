@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--batches", type=int, default=12, help="batches timed per measurement")
     bn.add_argument("--steps", type=int, default=10)
     bn.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    bn.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="device peak for MFU (GPU default: a table)"
+    )
     bn.add_argument("--workers", type=int, nargs="*", help="loader worker counts (default 1..cores)")
     co = sub.add_parser(
         "consolidate", help="a run's latest checkpoint (ZeRO shards too) -> one plain state dict"
@@ -329,7 +332,7 @@ def _bench(args: argparse.Namespace) -> int:
         elif w == "step":
             from retina_dist.bench import step
 
-            res = step.run(args.model, args.image_size, args.batch, args.steps, args.amp)
+            res = step.run(args.model, args.image_size, args.batch, args.steps, args.amp, args.peak_tflops)
         elif w == "eval":
             from retina_dist.bench import evalpack
 

@@ -53,6 +53,10 @@ def test_bench_all_at_tiny_size(tmp_path):
     step = json.loads((tmp_path / "step.json").read_text())
     assert step["toolkit_over_bare"] == step["toolkit_img_s"] / step["bare_img_s"]
     assert step["scaling_efficiency_2"] == step["two_ranks_img_s"] / (2 * step["one_rank_img_s"])
+    # resnet10t: 2.19 GFLOP at 224 px, so about 2.19 x (48/224)^2 = 0.10 at 48 px
+    assert 0.08 < step["forward_gflop_per_image"] < 0.14
+    expected = step["toolkit_img_s"] * 3 * step["forward_gflop_per_image"] / 1e3
+    assert abs(step["achieved_tflop_s"] - expected) < 1e-9 * max(1.0, expected)
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     packing = json.loads((tmp_path / "pack.json").read_text())
     assert evaluation["n"] == 48 and {r["processes"] for r in packing["rows"]} >= {1}

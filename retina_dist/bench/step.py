@@ -110,9 +110,34 @@ def ranks(world: int, args: tuple) -> float:
     return sum(rates)
 
 
-def run(model_name: str, image_size: int, batch: int, steps: int, amp: str = "none") -> dict[str, Any]:
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
+
+
+def forward_flops(model_name: str, image_size: int) -> float:
+    """FLOPs of one forward pass of one image (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create(model_name, 5, 3).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device, given: float = 0.0) -> float | None:
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def run(
+    model_name: str, image_size: int, batch: int, steps: int, amp: str = "none", peak: float = 0.0
+) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
+    fwd = forward_flops(model_name, image_size)
     b = bare(model_name, image_size, batch, steps, device)
     t = toolkit(model_name, image_size, batch, steps, device, amp)
     one = ranks(1, (model_name, image_size, batch, steps, device))
@@ -132,6 +157,13 @@ def run(model_name: str, image_size: int, batch: int, steps: int, amp: str = "no
         "scaling_efficiency_2": two / (2 * one),
         "cpu_count": os.cpu_count(),
     }
+    # A training step costs about three forwards (backward ~ 2x forward).
+    res["forward_gflop_per_image"] = fwd / 1e9
+    res["achieved_tflop_s"] = t * 3 * fwd / 1e12
+    top = peak_tflops(device, peak)
+    if top:
+        res["peak_tflop_s"] = top
+        res["model_flop_utilisation"] = res["achieved_tflop_s"] / top
     if device.type == "cuda":
         res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(
