@@ -12,6 +12,7 @@ encoder per eye / modality, and the dual-eye model also shows its cross-attentio
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import shutil
 import time
@@ -264,8 +265,6 @@ def _write(rows, classes, split, method, run_dir, out_dir, wall, world) -> dict:
         "localisation": localisation.summarise(scored, classes) if scored else None,
     }
     path = run_dir / "metrics.json"
-    import json
-
     allm = json.loads(path.read_text()) if path.exists() else {}
     allm.setdefault(split, {})["cam"] = summary
     write_json_atomic(path, allm)

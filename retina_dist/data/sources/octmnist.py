@@ -47,8 +47,8 @@ class OctMnistSource:
             raise DataError(f"{src}: no {want} found (searched all subfolders)")
         return found[-1]
 
-    def _arrays(self) -> dict[str, np.ndarray]:
-        path = self._file()
+    def _arrays(self, path: Path | None = None) -> dict[str, np.ndarray]:
+        path = path or self._file()
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
@@ -69,21 +69,21 @@ class OctMnistSource:
         return arrays
 
     def items(self) -> list[Item]:
-        arrays = self._arrays()
+        path = self._file()  # resolved once here; items carry it, so workers never search again
+        arrays = self._arrays(path)
         out = []
         for split in SPLITS:
             labels = arrays[f"{split}_labels"].reshape(-1)
             for i, label in enumerate(labels):
                 key = f"octmnist/{split}/{i:06d}"
-                out.append(Item(key, key, int(label), SPLITS[split], (split, i)))
+                out.append(Item(key, key, int(label), SPLITS[split], (str(path), split, i)))
         return out
 
     def load(self, item: Item, split: str) -> Record:
-        # Each packing worker loads the npz once (np.load is lazy per array; the cache keeps it).
-        arrays = _CACHE.get(str(self._file()))
-        if arrays is None:
-            arrays = _CACHE.setdefault(str(self._file()), self._arrays())
-        name, i = item.ref
+        path, name, i = item.ref
+        if path not in _CACHE:  # each packing worker reads the npz once
+            _CACHE[path] = self._arrays(Path(path))
+        arrays = _CACHE[path]
         return Record(
             item.key,
             item.patient,
