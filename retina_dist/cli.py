@@ -1,4 +1,5 @@
-"""``retina-dist``: pack, train, evaluate and verify — or ``run`` for all of it."""
+"""``retina-dist``: pack, train, evaluate and verify — or ``run`` for all of it; then predict, export
+and serve a trained run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from pathlib import Path
 from retina_dist.config import Config, ConfigError, load_config, save_config
 from retina_dist.data.manifest import DataError
 from retina_dist.engine.checkpoint import ResumeError
+from retina_dist.infer.commands import COMMANDS as USE_COMMANDS
+from retina_dist.infer.commands import add_parsers as add_use_commands
+from retina_dist.infer.commands import dispatch as use_command
 
 log = logging.getLogger("retina_dist")
 
@@ -116,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     vf = sub.add_parser("verify", help="re-read every shard and check counts and sha256 against the manifest")
     vf.add_argument("shards")
+    add_use_commands(sub)
     return parser
 
 
@@ -417,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 0
+        if args.command in USE_COMMANDS:
+            return use_command(args)
         if args.command == "consolidate":
             return _consolidate(args)
         if args.command == "verify":

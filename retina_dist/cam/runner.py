@@ -38,7 +38,7 @@ from retina_dist.tasks import build_task
 log = logging.getLogger(__name__)
 
 
-def _methods() -> dict[str, Any]:
+def cam_methods() -> dict[str, Any]:
     from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
 
     return {
@@ -121,7 +121,7 @@ def run_cam(cfg: Config, split: str, method: str, limit: int, how: str, layer_na
 
 
 def _run(cfg: Config, env: dist.DistEnv, split: str, method: str, limit: int, how: str, layer_name: str):
-    methods = _methods()
+    methods = cam_methods()
     if method not in methods:
         raise ConfigError(f"cam method {method!r}: expected one of {', '.join(methods)}")
     run_dir, d = Path(cfg.run_dir), cfg.data

@@ -26,6 +26,7 @@ from webdataset.tariterators import tarfile_samples
 
 from retina_dist.data.augment import build_transform, prescale
 from retina_dist.data.codec import CorruptImage, decode
+from retina_dist.data.preprocess import view as prepare_view
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +196,8 @@ class ShardStream(IterableDataset):
             images = []
             for view in self.spec.views:
                 name = next(k for k in raw if k.startswith(f"{view}."))
-                images.append(
-                    _channels(decode(raw[name], f"{raw['__url__']}:{key}.{name}"), self.spec.in_chans)
-                )
+                image = decode(raw[name], f"{raw['__url__']}:{key}.{name}")
+                images.append(prepare_view(image, self.spec.in_chans, self.spec.image_size))
             mask = (
                 prescale(decode(raw["mask.png"], f"{key}.mask.png"), self.spec.image_size, nearest=True)
                 if self.spec.with_masks and "mask.png" in raw
@@ -233,14 +233,6 @@ class ShardStream(IterableDataset):
         if self.spec.with_masks:
             out["mask"] = torch.from_numpy(np.stack([s["mask"] for s in batch]))
         return out
-
-
-def _channels(image: np.ndarray, in_chans: int) -> np.ndarray:
-    if in_chans == 3 and image.ndim == 2:
-        return np.repeat(image[..., None], 3, axis=2)
-    if in_chans == 1 and image.ndim == 3:
-        return (image @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
-    return image
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

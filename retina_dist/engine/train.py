@@ -16,7 +16,13 @@ from torch import nn
 
 from retina_dist import dist
 from retina_dist.config import Config, save_config, to_dict
-from retina_dist.data.manifest import DataError, load_manifest, split_shards, write_text_atomic
+from retina_dist.data.manifest import (
+    DataError,
+    load_manifest,
+    split_shards,
+    write_json_atomic,
+    write_text_atomic,
+)
 from retina_dist.data.stream import StreamSpec, batches_per_rank, make_loader, repeat_factors
 from retina_dist.engine.batch import Inputs, autocast
 from retina_dist.engine.checkpoint import Checkpointer, ResumeError
@@ -124,6 +130,8 @@ class Trainer:
 
         d = cfg.data
         self.manifest = load_manifest(d.shards)
+        if self.env.is_main:  # predict / export / serve read the classes and pack size from the run alone
+            write_json_atomic(self.run_dir / "manifest.json", self.manifest)
         self.task: Task = build_task(self.manifest, cfg.optim, d.train_split)
         common = dict(
             image_size=d.image_size,

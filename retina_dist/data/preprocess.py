@@ -1,0 +1,29 @@
+"""From a decoded image to the array the model's transform sees: the one path shared by the shard
+stream (training, evaluation, CAM) and by ``predict`` / ``serve``, so inference cannot drift from
+training."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from retina_dist.data.augment import prescale
+from retina_dist.data.codec import fit_max_side
+
+
+def to_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
+    if in_chans == 3 and image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    if in_chans == 1 and image.ndim == 3:
+        return (image @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    return image
+
+
+def view(image: np.ndarray, in_chans: int, image_size: int) -> np.ndarray:
+    """A decoded shard image as the transform expects it: the model's channels, shrunk by the
+    largest integer factor first (anti-aliased, cheap)."""
+    return prescale(to_channels(image, in_chans), image_size)
+
+
+def as_packed(image: np.ndarray, max_side: int) -> np.ndarray:
+    """What packing did to an image before it reached a shard (``max_side`` from the manifest)."""
+    return fit_max_side(image, max_side) if max_side else image

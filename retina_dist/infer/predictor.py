@@ -1,0 +1,163 @@
+"""A trained run, ready to answer: its model, its preprocessing (the stream's own code path), its
+calibration (temperature, multi-label thresholds) and, on request, a CAM overlay per image."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retina_dist import calibration
+from retina_dist.config import Config, ConfigError, load_config
+from retina_dist.data.augment import build_transform
+from retina_dist.data.codec import decode
+from retina_dist.data.manifest import load_manifest
+from retina_dist.data.preprocess import as_packed
+from retina_dist.data.preprocess import view as prepare_view
+from retina_dist.engine.batch import Inputs
+from retina_dist.models import DualEyeNet, LateFusionNet, build_model
+from retina_dist.models.backbone import read_weights
+from retina_dist.tasks import Task, build_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    probs: np.ndarray  # calibrated, one per class
+    predicted: list[str]  # argmax class, or every class at or above its threshold (multi-label)
+
+
+def read_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
+    """The run's config and the manifest it was trained on (its copy in the run, else the shards')."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml); pass --run runs/<name>")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    copy = run_dir / "manifest.json"
+    manifest = json.loads(copy.read_text()) if copy.exists() else load_manifest(cfg.data.shards)
+    return cfg, manifest
+
+
+class Predictor:
+    def __init__(self, run_dir: str | Path, device: str = "cpu", tta: bool | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.cfg, self.manifest = read_run(self.run_dir)
+        d = self.cfg.data
+        self.task: Task = build_task(self.manifest)
+        self.views: tuple[str, ...] = tuple(self.manifest.get("views", ["img"]))
+        self.max_side = int(self.manifest.get("options", {}).get("max_side", 0) or 0)
+        self.image_size, self.in_chans = d.image_size, d.in_chans
+        self.tta = self.cfg.eval.tta if tta is None else tta
+        self.device = torch.device(device)
+        # Weights come from the run's checkpoint: the pretrained source need not exist here.
+        mcfg = dataclasses.replace(self.cfg.model, pretrained="", compile=False)
+        self.model = build_model(mcfg, self.task.num_classes, d.in_chans)
+        self.model.load_state_dict(read_weights(self.run_dir))
+        self.model.to(self.device).eval()
+        self.inputs = Inputs(d.mean, d.std, d.in_chans, self.device, mcfg.channels_last)
+        self.transform = build_transform(d.image_size, train=False, augment=False, colour=d.in_chans == 3)
+        cal_path = self.run_dir / "calibration.json"
+        cal = json.loads(cal_path.read_text()) if cal_path.exists() else {}
+        self.temperature = float(cal.get("temperature", 1.0))
+        self.calibrated_on = cal.get("split")
+        raw_thr = np.array([cal.get("thresholds", {}).get(c, 0.5) for c in self.task.classes])
+        # Thresholds were tuned on uncalibrated probabilities; temperature scaling is monotonic per
+        # class, so the same decisions in calibrated units are the thresholds passed through it.
+        self.thresholds = (
+            calibration.apply_temperature(raw_thr[None], self.temperature, True)[0]
+            if self.task.multilabel
+            else None
+        )
+        self._cams: list[Any] | None = None
+
+    # -- preprocessing --------------------------------------------------------------------------
+    def prepare(self, images: list[np.ndarray]) -> np.ndarray:
+        """Decoded images (one per view) -> uint8 C x H x W (or V x C x H x W), exactly as a shard
+        sample of this run reaches the model at evaluation."""
+        out = []
+        for image in images:
+            image = prepare_view(as_packed(image, self.max_side), self.in_chans, self.image_size)
+            image = self.transform(image=image)["image"]
+            out.append(image[None] if image.ndim == 2 else image.transpose(2, 0, 1))
+        return out[0] if len(out) == 1 else np.stack(out)
+
+    def prepare_bytes(self, blobs: list[bytes], names: list[str]) -> np.ndarray:
+        return self.prepare([decode(b, n) for b, n in zip(blobs, names, strict=True)])
+
+    # -- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 B x C x H x W (B x V x C x H x W) -> calibrated probabilities, B x classes."""
+        x, _ = self.inputs({"image": torch.from_numpy(np.ascontiguousarray(batch)), "target": torch.empty(0)})
+        p = self.task.probabilities(self.model(x))
+        if self.tta:
+            p = (p + self.task.probabilities(self.model(x.flip(-1)))) / 2
+        return calibration.apply_temperature(p.float().cpu().numpy(), self.temperature, self.task.multilabel)
+
+    def decide(self, probs: np.ndarray) -> list[str]:
+        if self.task.multilabel:
+            return [c for c, p, t in zip(self.task.classes, probs, self.thresholds, strict=True) if p >= t]
+        return [self.task.classes[int(np.argmax(probs))]]
+
+    def results(self, batch: np.ndarray) -> list[Result]:
+        return [Result(p, self.decide(p)) for p in self.probabilities(batch)]
+
+    # -- explanation ----------------------------------------------------------------------------
+    def overlay(self, sample: np.ndarray, result: Result) -> np.ndarray:
+        """The CAM of the predicted class (the most likely one if no multi-label class passed its
+        threshold) beside the image, for each view: RGB uint8."""
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        from retina_dist.cam import render
+        from retina_dist.cam.runner import cam_methods
+        from retina_dist.cam.targets import target_layer, vit_reshape
+
+        methods = cam_methods()
+        multi = isinstance(self.model, (DualEyeNet, LateFusionNet))
+        if self._cams is None:
+            if multi:  # encoders inside one graph: gradient-free EigenCAM per view (see cam.runner)
+                encs = (
+                    [self.model.backbone, self.model.backbone]
+                    if isinstance(self.model, DualEyeNet)
+                    else [self.model.fundus, self.model.oct]
+                )
+                self._cams = [
+                    methods["eigencam"](
+                        model=e, target_layers=[target_layer(e)], reshape_transform=vit_reshape(e)
+                    )
+                    for e in encs
+                ]
+            else:
+                method = self.cfg.cam.method if self.cfg.cam.method in methods else "gradcam"
+                layer = target_layer(self.model, self.cfg.cam.target_layer)
+                self._cams = [methods[method](self.model, [layer], reshape_transform=vit_reshape(self.model))]
+        x, _ = self.inputs(
+            {"image": torch.from_numpy(np.ascontiguousarray(sample[None])), "target": torch.empty(0)}
+        )
+        with torch.enable_grad():
+            if multi:
+                heats = [cam(input_tensor=x[:, v], targets=None)[0] for v, cam in enumerate(self._cams)]
+                raws = list(sample)
+            else:
+                c = (
+                    self.task.classes.index(result.predicted[0])
+                    if result.predicted
+                    else int(np.argmax(result.probs))
+                )
+                heats = [self._cams[0](input_tensor=x, targets=[ClassifierOutputTarget(c)])[0]]
+                raws = [sample]
+        panels = [
+            render.overlay(r.transpose(1, 2, 0) if r.shape[0] == 3 else r[0], h)
+            for r, h in zip(raws, heats, strict=True)
+        ]
+        if len(panels) == 1:
+            return panels[0]
+        gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
+        return np.concatenate([panels[0], gap, panels[1]], axis=1)

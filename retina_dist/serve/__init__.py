@@ -1,0 +1,1 @@
+"""A small web page over a trained run (``retina-dist serve``)."""
