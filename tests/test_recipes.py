@@ -4,13 +4,20 @@ Shards come from `synth` layouts packed by `retina-dist pack`, as a user would."
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli
 
 RUN = ["--nproc", "2", "--smoke", "log.progress=lines", "data.image_size=64", "optim.lr=3e-3"]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def _metrics(run_dir):
@@ -87,6 +94,46 @@ def test_dual_eye_multilabel_run_learns_the_visible_labels(data):
     assert (m["auroc"]["D"] + m["auroc"]["C"]) / 2 >= 0.8, m["auroc"]
     assert m["auroc"]["N"] >= 0.6 and m["odir_score"] > 0.4, m
     assert set(m) >= {"mAP", "odir_score", "riadd_score", "ece", "micro_f1"}
+
+    # The trained pair model on the dataset's own folder: <id>_left/<id>_right pairs are found, a
+    # lone test eye is listed as skipped, decisions follow the calibrated per-class thresholds.
+    from retina_dist.infer.predictor import Predictor
+
+    train_dir = data / "odir" / "ODIR-5K_Training_Dataset"
+    out = data / "odir-preds.csv"
+    proc = run_cli("predict", "--run", str(run), str(data / "odir"), "--out", str(out), "--no-progress")
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(list(train_dir.glob("*_left.jpg"))) == 360
+    skipped = {Path(r["name"]).name: r["reason"] for r in _rows(out.with_name("odir-preds.skipped.csv"))}
+    lone = {p.name for p in (data / "odir" / "ODIR-5K_Testing_Images").glob("*.jpg")}
+    assert {n for n, why in skipped.items() if why == "no right image beside it"} == lone
+    assert skipped["ODIR-5K_Training_Annotations(Updated)_V2.xlsx"].startswith("not an image file type")
+    p = Predictor(run)
+    for r in rows:
+        probs = [float(r[f"prob_{c}"]) for c in p.task.classes]
+        chosen = [c for c, q, t in zip(p.task.classes, probs, p.thresholds, strict=True) if q >= t]
+        assert r["predicted"].split(";") == chosen or (not chosen and r["predicted"] == "")
+    ids = sorted(q.name.split("_")[0] for q in train_dir.glob("*_left.jpg"))[:2]
+    pair_out = data / "pairs.csv"
+    run_cli(
+        "predict",
+        "--run",
+        str(run),
+        "--left",
+        *[str(train_dir / f"{i}_left.jpg") for i in ids],
+        "--right",
+        *[str(train_dir / f"{i}_right.jpg") for i in ids],
+        "--out",
+        str(pair_out),
+        "--cam",
+    )
+    by_name = {Path(r["name"]).name: r for r in rows}
+    for r in _rows(pair_out):
+        same = by_name[r["name"].split("|")[0].rsplit("/", 1)[-1].rsplit("_", 1)[0]]
+        for c in p.task.classes:  # batch of 2 here, 32 there: float noise only
+            assert abs(float(r[f"prob_{c}"]) - float(same[f"prob_{c}"])) < 1e-5
+        assert Path(r["cam"]).stat().st_size > 1000  # left | right EigenCAM panels
 
 
 def test_late_fusion_over_two_earlier_runs_beats_chance(data):
