@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument(
         "--peak-tflops", type=float, default=0.0, help="device peak for MFU (GPU default: a table)"
     )
+    bn.add_argument("--channels-last", action="store_true", help="step: NHWC model and inputs, both loops")
+    bn.add_argument("--compile", action="store_true", help="step: torch.compile the model, both loops")
     bn.add_argument("--workers", type=int, nargs="*", help="loader worker counts (default 1..cores)")
     co = sub.add_parser(
         "consolidate", help="a run's latest checkpoint (ZeRO shards too) -> one plain state dict"
@@ -337,7 +339,16 @@ def _bench(args: argparse.Namespace) -> int:
         elif w == "step":
             from retina_dist.bench import step
 
-            res = step.run(args.model, args.image_size, args.batch, args.steps, args.amp, args.peak_tflops)
+            res = step.run(
+                args.model,
+                args.image_size,
+                args.batch,
+                args.steps,
+                args.amp,
+                args.peak_tflops,
+                args.channels_last,
+                args.compile,
+            )
         elif w == "eval":
             from retina_dist.bench import evalpack
 

@@ -62,3 +62,27 @@ def test_bench_all_at_tiny_size(tmp_path):
     assert evaluation["n"] == 48 and {r["processes"] for r in packing["rows"]} >= {1}
     for res in (data, step, evaluation, packing):
         _positive(res)
+
+
+def test_bench_step_channels_last_applies_to_both_loops(tmp_path):
+    proc = run_cli(
+        "bench",
+        "step",
+        "--out",
+        str(tmp_path),
+        "--image-size",
+        "32",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--model",
+        "resnet10t",
+        "--channels-last",
+        timeout=600,
+    )
+    assert "channels_last" in proc.stdout
+    step = json.loads((tmp_path / "step.json").read_text())
+    assert step["channels_last"] is True and step["compile"] is False
+    _positive(step)
+    assert step["toolkit_over_bare"] == step["toolkit_img_s"] / step["bare_img_s"]

@@ -22,9 +22,21 @@ from retina_dist.models.backbone import create
 from retina_dist.tasks import Task
 
 
-def _setup(model_name: str, image_size: int, batch: int, classes: int = 5, seed: int = 0):
+def _setup(
+    model_name: str,
+    image_size: int,
+    batch: int,
+    channels_last: bool = False,
+    compile_: bool = False,
+    seed: int = 0,
+):
     torch.manual_seed(seed)
+    classes = 5
     model = create(model_name, classes, 3)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_:
+        model.compile()  # the same in-place compile as models.build_model
     x = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
     y = torch.randint(0, classes, (batch,))
     return model, x, y
@@ -39,11 +51,20 @@ def _timed(step, steps: int, warmup: int = 2) -> float:
     return time.perf_counter() - start
 
 
-def bare(model_name: str, image_size: int, batch: int, steps: int, device: torch.device) -> float:
-    model, x, y = _setup(model_name, image_size, batch)
+def bare(
+    model_name: str,
+    image_size: int,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    channels_last: bool = False,
+    compile_: bool = False,
+) -> float:
+    model, x, y = _setup(model_name, image_size, batch, channels_last, compile_)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    xf, y = (x.float() / 255).to(device), y.to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xf, y = (x.float() / 255).to(device).contiguous(memory_format=fmt), y.to(device)
 
     def step() -> None:
         loss = F.cross_entropy(model(xf), y)
@@ -61,14 +82,16 @@ def toolkit(
     steps: int,
     device: torch.device,
     amp: str = "none",
+    channels_last: bool = False,
+    compile_: bool = False,
     env: DistEnv | None = None,
 ) -> float:
     env = env or DistEnv()
-    model, x, y = _setup(model_name, image_size, batch)
+    model, x, y = _setup(model_name, image_size, batch, channels_last, compile_)
     opt = build_optimizer(model, 1e-4, 0.05)
     strategy = DDPStrategy(model, opt, warmup_cosine(opt, 1, 10**6, 0.01), env, device, amp)
     cfg = Config()
-    inputs = Inputs(cfg.data.mean, cfg.data.std, 3, device)
+    inputs = Inputs(cfg.data.mean, cfg.data.std, 3, device, channels_last)
     task = Task("multiclass", tuple("abcde"))
     strategy.model.train()
     batch_dict = {"image": x, "target": y}
@@ -133,21 +156,32 @@ def peak_tflops(device: torch.device, given: float = 0.0) -> float | None:
 
 
 def run(
-    model_name: str, image_size: int, batch: int, steps: int, amp: str = "none", peak: float = 0.0
+    model_name: str,
+    image_size: int,
+    batch: int,
+    steps: int,
+    amp: str = "none",
+    peak: float = 0.0,
+    channels_last: bool = False,
+    compile_: bool = False,
 ) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
     fwd = forward_flops(model_name, image_size)
-    b = bare(model_name, image_size, batch, steps, device)
-    t = toolkit(model_name, image_size, batch, steps, device, amp)
-    one = ranks(1, (model_name, image_size, batch, steps, device))
-    two = ranks(2, (model_name, image_size, batch, steps, device))
+    variant = (channels_last, compile_)
+    b = bare(model_name, image_size, batch, steps, device, *variant)
+    t = toolkit(model_name, image_size, batch, steps, device, amp, *variant)
+    one = ranks(1, (model_name, image_size, batch, steps, device, amp, *variant))
+    two = ranks(2, (model_name, image_size, batch, steps, device, amp, *variant))
     res = {
         "model": model_name,
         "image_size": image_size,
         "batch": batch,
         "steps": steps,
         "device": str(device),
+        "amp": amp,
+        "channels_last": channels_last,
+        "compile": compile_,
         "threads": threads,
         "bare_img_s": b,
         "toolkit_img_s": t,
@@ -168,7 +202,8 @@ def run(
         res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(
         table(
-            f"bench step: {model_name} {image_size} px, batch {batch}/rank, {steps} steps, {device}",
+            f"bench step: {model_name} {image_size} px, batch {batch}/rank, {steps} steps, {device}, "
+            f"amp {amp}" + (", channels_last" if channels_last else "") + (", compiled" if compile_ else ""),
             ["", "img/s", "ratio"],
             [
                 ["bare loop", b, ""],

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from retina_dist.data.augment import build_transform, prescale
+from retina_dist.data.augment import FusedTrainAugment, build_transform, prescale
 from retina_dist.data.codec import CorruptImage, decode
 from retina_dist.data.preprocess import view as prepare_view
 
@@ -116,7 +116,8 @@ class ShardStream(IterableDataset):
         self.spec, self.rank, self.world, self.epoch = spec, rank, world_size, epoch
         self.num_batches, self.skip = num_batches, skip_batches
         colour = spec.in_chans == 3
-        self.transform = build_transform(spec.image_size, spec.train, spec.augment, colour)
+        self.transform = build_transform(spec.image_size, False, False, colour)  # evaluation, no augmentation
+        self.augment = FusedTrainAugment(spec.image_size, colour) if spec.train and spec.augment else None
         self.corrupt = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -209,14 +210,16 @@ class ShardStream(IterableDataset):
             return None
         out_images = []
         for v, image in enumerate(images):
-            if aug_seed is not None:
-                # Reseeded per sample position (and view), so a resumed epoch augments exactly as before.
-                state = np.random.SeedSequence([self.spec.seed, self.epoch, self.rank, *aug_seed, v])
-                self.transform.set_random_seed(int(state.generate_state(1)[0]))
-            out = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
-            out_images.append(out["image"])
+            if self.augment is not None and aug_seed is not None:
+                # Seeded per sample position (and view), so a resumed epoch augments exactly as before.
+                seq = np.random.SeedSequence([self.spec.seed, self.epoch, self.rank, *aug_seed, v])
+                image, mask_out = self.augment(image, np.random.default_rng(seq), mask)
+            else:
+                out = self.transform(image=image, **({} if mask is None else {"mask": mask}))
+                image, mask_out = out["image"], out.get("mask")
+            out_images.append(image)
         image = out_images[0] if len(out_images) == 1 else np.stack(out_images)
-        return {"key": meta["key"], "label": meta["label"], "image": image, "mask": out.get("mask")}
+        return {"key": meta["key"], "label": meta["label"], "image": image, "mask": mask_out}
 
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         images = np.stack([s["image"] for s in batch])
