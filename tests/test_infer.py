@@ -123,7 +123,7 @@ def test_predict_sees_the_pixels_the_stream_sees_and_applies_the_temperature(tra
     x = np.stack([p.prepare([decode(f.read_bytes())]) for f in sorted(images.glob("*.png"))[1:4]])
     assert p.temperature != 1.0  # fitted on val by the run
     with torch.no_grad():
-        xin, _ = p.inputs({"image": torch.from_numpy(x), "target": torch.empty(0)})
+        xin = p.inputs.images(torch.from_numpy(x))
         raw = torch.softmax(p.model(xin), 1).numpy()
     np.testing.assert_allclose(
         p.probabilities(x), calibration.apply_temperature(raw, p.temperature, False), atol=1e-6

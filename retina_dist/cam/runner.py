@@ -50,6 +50,22 @@ def cam_methods() -> dict[str, Any]:
     }
 
 
+def build_cams(model: torch.nn.Module, method: str, layer_name: str = "") -> tuple[str, list[Any]]:
+    """The CAM objects for ``model``: one for a single-image model, one per view (gradient-free
+    EigenCAM on each encoder) for the dual-eye and fusion models. Returns the method actually used."""
+    methods = cam_methods()
+    if isinstance(model, (DualEyeNet, LateFusionNet)):
+        encoders = (
+            [model.backbone, model.backbone] if isinstance(model, DualEyeNet) else [model.fundus, model.oct]
+        )
+        return "eigencam", [
+            methods["eigencam"](model=e, target_layers=[target_layer(e)], reshape_transform=vit_reshape(e))
+            for e in encoders
+        ]
+    layer = target_layer(model, layer_name)
+    return method, [methods[method](model=model, target_layers=[layer], reshape_transform=vit_reshape(model))]
+
+
 def read_predictions(
     path: Path, classes: tuple[str, ...], multilabel: bool
 ) -> dict[str, tuple[Any, np.ndarray]]:
@@ -151,23 +167,7 @@ def _run(cfg: Config, env: dist.DistEnv, split: str, method: str, limit: int, ho
     dist.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    if isinstance(model, (DualEyeNet, LateFusionNet)):
-        method = "eigencam"
-        encoders = (
-            [model.backbone, model.backbone] if isinstance(model, DualEyeNet) else [model.fundus, model.oct]
-        )
-        cams = [
-            methods["eigencam"](model=e, target_layers=[target_layer(e)], reshape_transform=vit_reshape(e))
-            for e in encoders
-        ]
-    else:
-        cams = [
-            methods[method](
-                model=model,
-                target_layers=[target_layer(model, layer_name)],
-                reshape_transform=vit_reshape(model),
-            )
-        ]
+    method, cams = build_cams(model, method, layer_name)
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     rows: list[dict] = []

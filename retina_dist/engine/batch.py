@@ -27,10 +27,12 @@ class Inputs:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = batch["image"].to(self.device, non_blocking=True).float()
-        x = x * self.scale + self.shift  # B x C x H x W, or B x V x C x H x W for multi-view samples
-        x = x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x.contiguous()
-        return x, batch["target"].to(self.device, non_blocking=True)
+        return self.images(batch["image"]), batch["target"].to(self.device, non_blocking=True)
+
+    def images(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 B x C x H x W (or B x V x C x H x W for multi-view samples) -> normalised float."""
+        x = image.to(self.device, non_blocking=True).float() * self.scale + self.shift
+        return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x.contiguous()
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MAX_MEMBER_BYTES = 256 << 20  # a zip member larger than this is not a retinal image
+NOT_IMAGE = "not an image file type (" + ", ".join(IMAGE_EXTS) + ")"
 
 
 @dataclass(frozen=True)
@@ -43,26 +44,21 @@ def _zip_members(path: Path, skipped: list[Skipped]) -> list[Source]:
         skipped.append(Skipped(str(path), f"not a readable zip file ({err})"))
         return []
     out = []
-    with zf:
-        infos = sorted(zf.infolist(), key=lambda i: i.filename)
-    for info in infos:
+    # Kept open for the samples' lazy reads: reopening per member would re-parse the central
+    # directory once per image.
+    for info in sorted(zf.infolist(), key=lambda i: i.filename):
         if info.is_dir() or "__MACOSX" in info.filename or Path(info.filename).name.startswith("."):
             continue
         name = f"{path}:{info.filename}"
         if not info.filename.lower().endswith(IMAGE_EXTS):
-            skipped.append(Skipped(name, "not an image file type (" + ", ".join(IMAGE_EXTS) + ")"))
+            skipped.append(Skipped(name, NOT_IMAGE))
         elif info.file_size > MAX_MEMBER_BYTES:
             skipped.append(
                 Skipped(name, f"{info.file_size} bytes uncompressed, over the {MAX_MEMBER_BYTES} limit")
             )
         else:
-            out.append(Source(name, lambda p=path, m=info.filename: _read_member(p, m)))
+            out.append(Source(name, lambda m=info.filename: zf.read(m)))
     return out
-
-
-def _read_member(path: Path, member: str) -> bytes:
-    with zipfile.ZipFile(path) as zf:
-        return zf.read(member)
 
 
 def expand(paths: list[str], skipped: list[Skipped]) -> list[Source]:
@@ -77,13 +73,13 @@ def expand(paths: list[str], skipped: list[Skipped]) -> list[Source]:
                 elif f.suffix.lower() in IMAGE_EXTS:
                     out.append(_file(f))
                 else:
-                    skipped.append(Skipped(str(f), "not an image file type (" + ", ".join(IMAGE_EXTS) + ")"))
+                    skipped.append(Skipped(str(f), NOT_IMAGE))
         elif p.is_file() and p.suffix.lower() == ".zip":
             out += _zip_members(p, skipped)
         elif p.is_file() and p.suffix.lower() in IMAGE_EXTS:
             out.append(_file(p))
         elif p.exists():
-            skipped.append(Skipped(str(p), "not an image file type (" + ", ".join(IMAGE_EXTS) + ")"))
+            skipped.append(Skipped(str(p), NOT_IMAGE))
         else:
             skipped.append(Skipped(str(p), "no such file or folder"))
     return out

@@ -95,7 +95,7 @@ class Predictor:
     @torch.no_grad()
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """uint8 B x C x H x W (B x V x C x H x W) -> calibrated probabilities, B x classes."""
-        x, _ = self.inputs({"image": torch.from_numpy(np.ascontiguousarray(batch)), "target": torch.empty(0)})
+        x = self.inputs.images(torch.from_numpy(np.ascontiguousarray(batch)))
         p = self.task.probabilities(self.model(x))
         if self.tta:
             p = (p + self.task.probabilities(self.model(x.flip(-1)))) / 2
@@ -116,31 +116,13 @@ class Predictor:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         from retina_dist.cam import render
-        from retina_dist.cam.runner import cam_methods
-        from retina_dist.cam.targets import target_layer, vit_reshape
+        from retina_dist.cam.runner import build_cams, cam_methods
 
-        methods = cam_methods()
         multi = isinstance(self.model, (DualEyeNet, LateFusionNet))
         if self._cams is None:
-            if multi:  # encoders inside one graph: gradient-free EigenCAM per view (see cam.runner)
-                encs = (
-                    [self.model.backbone, self.model.backbone]
-                    if isinstance(self.model, DualEyeNet)
-                    else [self.model.fundus, self.model.oct]
-                )
-                self._cams = [
-                    methods["eigencam"](
-                        model=e, target_layers=[target_layer(e)], reshape_transform=vit_reshape(e)
-                    )
-                    for e in encs
-                ]
-            else:
-                method = self.cfg.cam.method if self.cfg.cam.method in methods else "gradcam"
-                layer = target_layer(self.model, self.cfg.cam.target_layer)
-                self._cams = [methods[method](self.model, [layer], reshape_transform=vit_reshape(self.model))]
-        x, _ = self.inputs(
-            {"image": torch.from_numpy(np.ascontiguousarray(sample[None])), "target": torch.empty(0)}
-        )
+            method = self.cfg.cam.method if self.cfg.cam.method in cam_methods() else "gradcam"
+            _, self._cams = build_cams(self.model, method, self.cfg.cam.target_layer)
+        x = self.inputs.images(torch.from_numpy(np.ascontiguousarray(sample[None])))
         with torch.enable_grad():
             if multi:
                 heats = [cam(input_tensor=x[:, v], targets=None)[0] for v, cam in enumerate(self._cams)]
