@@ -49,6 +49,10 @@ install -d -o slurm -g slurm /var/log/slurm /var/spool/slurmctld /run/slurm
 install -d /var/spool/slurmd /etc/slurm
 # A clean slate: no jobs left from an earlier bring-up.
 rm -rf /var/spool/slurmctld/* /var/spool/slurmd/*
+# Job ids start again at 1, and the sacct wrapper below reads finished jobs from the jobcomp log:
+# an earlier bring-up's "job 5 COMPLETED" there would be read as this one's job 5 while it still runs
+# (submitit then gives up on a running job: seen in CI). Keep the old log aside, start a new one.
+[ -s /var/log/slurm/jobcomp.log ] && mv /var/log/slurm/jobcomp.log "/var/log/slurm/jobcomp.log.$(date +%s)"
 cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=retina-dist-ci
 SlurmctldHost=${host}(127.0.0.1)
