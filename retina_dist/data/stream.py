@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from retina_dist.data.allocator import keep_freed_memory
 from retina_dist.data.augment import FusedTrainAugment, build_transform, prescale
 from retina_dist.data.codec import CorruptImage, decode
 from retina_dist.data.preprocess import view as prepare_view
@@ -45,6 +46,9 @@ class StreamSpec:
     multilabel: bool = False
     views: tuple[str, ...] = ("img",)  # images per sample (manifest "views"): ("left", "right") for ODIR
     repeat: tuple[float, ...] = ()  # per-class repeat factors for class-balanced training (empty: off)
+    # Training augmentation on the accelerator (``augment_device.apply``): workers ship decoded frames
+    # on a canvas with each image's geometry and colour matrices instead of warped pixels.
+    augment_on_device: bool = False
 
     @property
     def count(self) -> int:
@@ -118,6 +122,9 @@ class ShardStream(IterableDataset):
         colour = spec.in_chans == 3
         self.transform = build_transform(spec.image_size, False, False, colour)  # evaluation, no augmentation
         self.augment = FusedTrainAugment(spec.image_size, colour) if spec.train and spec.augment else None
+        self.on_device = self.augment is not None and spec.augment_on_device and not spec.with_masks
+        # Colour frames stay in OpenCV's BGR when the augmentation swaps channels on its output anyway.
+        self.bgr = self.augment is not None and spec.in_chans == 3
         self.corrupt = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -141,16 +148,26 @@ class ShardStream(IterableDataset):
             next(raw)
         taken = first * spec.batch_size
         j = first
-        batch: list[dict] = []
+        batch = self._new_batch()
+        draws = self._draws(j)
         while taken < quota:
-            sample = self._decode(next(raw), aug_seed=(j, len(batch)))
+            sample = self._load(next(raw))
             if sample is None:
                 continue
-            batch.append(sample)
+            self._place(sample, batch, draws)
             taken += 1
-            if len(batch) == spec.batch_size:
+            if batch.n == spec.batch_size:
                 yield self._collate(batch)
-                batch, j = [], j + 1
+                j += 1
+                batch, draws = self._new_batch(), self._draws(j)
+
+    def _draws(self, j: int) -> np.ndarray | None:
+        """Augmentation draws of logical batch ``j``, by position in the batch (and view): seeded by
+        the batch's place in the epoch, so a resumed epoch augments exactly as before."""
+        if self.augment is None:
+            return None
+        rng = np.random.default_rng([self.spec.seed, self.epoch, self.rank, j])
+        return self.augment.draw(rng, self.spec.batch_size, len(self.spec.views))
 
     def _train_samples(self, gw: int, total: int) -> Iterator[dict]:
         """Endless raw samples for global worker ``gw``: its shards (or every total-th sample when
@@ -177,27 +194,29 @@ class ShardStream(IterableDataset):
     def _eval(self, worker: int, n_workers: int) -> Iterator[dict[str, Any]]:
         gw, total = self.rank * n_workers + worker, self.world * n_workers
         paths = [p for p, _ in self.spec.shards][gw::total]
-        batch: list[dict] = []
+        batch = self._new_batch()
         for raw in _read(paths) if paths else ():
-            sample = self._decode(raw)
+            sample = self._load(raw)
             if sample is None:
                 continue
-            batch.append(sample)
-            if len(batch) == self.spec.batch_size:
+            self._place(sample, batch, None)
+            if batch.n == self.spec.batch_size:
                 yield self._collate(batch)
-                batch = []
-        if batch:
+                batch = self._new_batch()
+        if batch.n:
             yield self._collate(batch)
 
     # -- samples --------------------------------------------------------------------------------
-    def _decode(self, raw: dict[str, Any], aug_seed: tuple[int, int] | None = None) -> dict[str, Any] | None:
+    def _load(self, raw: dict[str, Any]) -> tuple[dict, list[np.ndarray], np.ndarray | None] | None:
+        """Decoded views (BGR when the augmentation will swap channels on its small output) and
+        mask, or None for a sample that cannot be read (skipped and counted)."""
         key = raw["__key__"]
         try:
             meta = json.loads(raw["json"])
             images = []
             for view in self.spec.views:
                 name = next(k for k in raw if k.startswith(f"{view}."))
-                image = decode(raw[name], f"{raw['__url__']}:{key}.{name}")
+                image = decode(raw[name], f"{raw['__url__']}:{key}.{name}", bgr=self.bgr)
                 images.append(prepare_view(image, self.spec.in_chans, self.spec.image_size))
             mask = (
                 prescale(decode(raw["mask.png"], f"{key}.mask.png"), self.spec.image_size, nearest=True)
@@ -208,37 +227,129 @@ class ShardStream(IterableDataset):
             self.corrupt += 1
             log.warning("skipping sample %s (%s); %d skipped so far in this worker", key, err, self.corrupt)
             return None
-        out_images = []
+        return meta, images, mask
+
+    def _place(self, sample: tuple, batch: _Batch, draws: np.ndarray | None) -> None:
+        """Transform a loaded sample straight into the next slot of the batch buffer (or, with the
+        augmentation on the device, keep its frames and their matrices for the canvas)."""
+        meta, images, mask = sample
+        i = batch.n
+        if self.on_device:
+            for v, image in enumerate(images):
+                u, rgb = draws[i, v], image.ndim == 3
+                batch.geometry[i, v] = self.augment.geometry(*image.shape[:2], u)
+                batch.colour[i, v] = self.augment.colour_map(u, 3 if rgb else 1, bgr=self.bgr and rgb)
+            batch.add(meta, None, images)
+            return
         for v, image in enumerate(images):
-            if self.augment is not None and aug_seed is not None:
-                # Seeded per sample position (and view), so a resumed epoch augments exactly as before.
-                seq = np.random.SeedSequence([self.spec.seed, self.epoch, self.rank, *aug_seed, v])
-                image, mask_out = self.augment(image, np.random.default_rng(seq), mask)
+            slot = batch.images[i, v]
+            if draws is not None:
+                _, mask_out = self.augment(image, draws[i, v], mask, dst=slot, bgr=self.bgr)
             else:
                 out = self.transform(image=image, **({} if mask is None else {"mask": mask}))
-                image, mask_out = out["image"], out.get("mask")
-            out_images.append(image)
-        image = out_images[0] if len(out_images) == 1 else np.stack(out_images)
-        return {"key": meta["key"], "label": meta["label"], "image": image, "mask": mask_out}
+                slot[...] = out["image"]
+                mask_out = out.get("mask")
+        batch.add(meta, mask_out)
 
-    def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        images = np.stack([s["image"] for s in batch])
-        if len(self.spec.views) > 1:  # B x V x H x W (x C) -> B x V x C x H x W
-            images = images[:, :, None] if images.ndim == 4 else images.transpose(0, 1, 4, 2, 3)
-        else:
-            images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+    def _new_batch(self) -> _Batch:
+        spec = self.spec
+        if not self.on_device:
+            return _Batch(self._buffer(self._shape(spec.image_size, spec.image_size)), spec.with_masks)
+        c = spec.in_chans
+        views = len(spec.views)
+        return _Batch(
+            None,
+            False,
+            geometry=np.zeros((spec.batch_size, views, 2, 3), np.float32),
+            colour=np.zeros((spec.batch_size, views, c, c + 1), np.float32),
+        )
+
+    def _shape(self, h: int, w: int) -> tuple[int, ...]:
+        spec = self.spec
+        shape = (spec.batch_size, len(spec.views), h, w)
+        return shape + ((spec.in_chans,) if spec.in_chans > 1 else ())
+
+    def _canvas(self, batch: _Batch) -> torch.Tensor:
+        """The batch's frames top-left on one canvas as large as the largest, zeros beyond each frame
+        (so the device warp sees the same black border as OpenCV's constant border)."""
+        frames = batch.frames
+        h = max(f.shape[0] for views in frames for f in views)
+        w = max(f.shape[1] for views in frames for f in views)
+        tensor = self._buffer(self._shape(h, w))
+        canvas = tensor.numpy()
+        for i, views in enumerate(frames):
+            for v, f in enumerate(views):
+                fh, fw = f.shape[:2]
+                canvas[i, v, :fh, :fw] = f
+                canvas[i, v, fh:] = 0
+                canvas[i, v, :fh, fw:] = 0
+        return tensor
+
+    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """uint8 B x V x H x W (x C) for one batch. In a loader worker it is allocated in shared
+        memory, as torch's own collate does, so the batch crosses to the main process without the
+        copy that pickling an ordinary tensor makes."""
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=torch.uint8)
+        n = int(np.prod(shape))
+        return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n)).view(shape)
+
+    def _collate(self, batch: _Batch) -> dict[str, Any]:
+        images = (self._canvas(batch) if self.on_device else batch.tensor)[: batch.n]
+        # B x V x H x W x C -> B x V x C x H x W as a view: channels-last strides, no copy here; the
+        # device normalisation makes the layout the model asks for.
+        images = images.unsqueeze(2) if images.ndim == 4 else images.permute(0, 1, 4, 2, 3)
+        if len(self.spec.views) == 1:
+            images = images[:, 0]
         dtype = torch.float32 if self.spec.multilabel else torch.long
         out = {
-            "key": [s["key"] for s in batch],
-            "image": torch.from_numpy(np.ascontiguousarray(images)),  # uint8; normalised on the device
-            "target": torch.tensor([s["label"] for s in batch], dtype=dtype),
+            "key": [m["key"] for m in batch.meta],
+            "image": images,  # uint8; normalised on the device
+            "target": torch.tensor([m["label"] for m in batch.meta], dtype=dtype),
         }
         if self.spec.with_masks:
-            out["mask"] = torch.from_numpy(np.stack([s["mask"] for s in batch]))
+            out["mask"] = torch.from_numpy(np.stack(batch.masks))
+        if self.on_device:
+            out["augment"] = {
+                "geometry": torch.from_numpy(batch.geometry[: batch.n]),
+                "colour": torch.from_numpy(batch.colour[: batch.n]),
+                "size": self.spec.image_size,
+            }
         return out
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+class _Batch:
+    """A batch being filled: its pixel buffer (and a numpy view of it) or, with the augmentation on
+    the device, its decoded frames and their matrices; labels; masks."""
+
+    def __init__(
+        self,
+        tensor: torch.Tensor | None,
+        with_masks: bool,
+        geometry: np.ndarray | None = None,
+        colour: np.ndarray | None = None,
+    ) -> None:
+        self.tensor = tensor
+        self.images = tensor.numpy() if tensor is not None else None
+        self.geometry, self.colour = geometry, colour
+        self.frames: list[list[np.ndarray]] = []
+        self.meta: list[dict] = []
+        self.masks: list[np.ndarray] | None = [] if with_masks else None
+
+    @property
+    def n(self) -> int:
+        return len(self.meta)
+
+    def add(self, meta: dict, mask: np.ndarray | None, frames: list[np.ndarray] | None = None) -> None:
+        self.meta.append(meta)
+        if self.masks is not None:
+            self.masks.append(mask)
+        if frames is not None:
+            self.frames.append(frames)
+
+
+def worker_init(worker_id: int) -> None:
+    keep_freed_memory()
     # SLURM signals every process of a step (preemption: TERM then USR1). A worker killed by it makes
     # the main process raise before it can checkpoint; the main process decides when workers stop.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -262,5 +373,5 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
-        worker_init_fn=_ignore_stop_signals if workers else None,
+        worker_init_fn=worker_init if workers else None,
     )

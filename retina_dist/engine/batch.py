@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from retina_dist.data import augment_device
+
 
 class Inputs:
     def __init__(
@@ -27,11 +29,18 @@ class Inputs:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images(batch["image"]), batch["target"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        if "augment" in batch:  # frames on a canvas: the training augmentation happens here
+            pixels = augment_device.apply(batch["image"].to(self.device, non_blocking=True), batch["augment"])
+            return self._normalise(pixels), target
+        return self.images(batch["image"]), target
 
     def images(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 B x C x H x W (or B x V x C x H x W for multi-view samples) -> normalised float."""
-        x = image.to(self.device, non_blocking=True).float() * self.scale + self.shift
+        return self._normalise(image.to(self.device, non_blocking=True).float())
+
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels * self.scale + self.shift
         return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x.contiguous()
 
 

@@ -154,6 +154,8 @@ class Trainer:
             train=True,
             repeat=repeat,
             augment=d.augment,
+            augment_on_device=d.augment_on == "device"
+            or (d.augment_on == "auto" and self.device.type == "cuda"),
             shuffle_buffer=d.shuffle_buffer,
             **common,
         )
