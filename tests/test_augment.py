@@ -38,6 +38,23 @@ def test_bgr_input_comes_out_as_the_rgb_result(fundus):
     assert np.abs(aug(fundus, LOUD)[0].astype(int) - aug(fundus, QUIET)[0]).mean() > 5  # jitter acts
 
 
+def test_padded_input_gives_the_three_channel_result(fundus):
+    """Four channels (the decoder's padded layout, filler last) take OpenCV's faster warp; the
+    output is the same RGB image, written into the caller's slot."""
+    aug = FusedTrainAugment(64, colour=True)
+    filler = np.full(fundus.shape[:2] + (1,), 255, np.uint8)
+    for order, bgr in ((fundus, False), (np.ascontiguousarray(fundus[..., ::-1]), True)):
+        padded = np.concatenate([order, filler], axis=2)
+        for u in (QUIET, LOUD):
+            slot = np.zeros((64, 64, 3), np.uint8)
+            out, _ = aug(padded, u, dst=slot, bgr=bgr)
+            ref, _ = aug(fundus, u)
+            assert np.shares_memory(out, slot) and out.shape == (64, 64, 3)
+            assert np.abs(out.astype(int) - ref).max() <= 1
+            if u is QUIET:
+                assert np.array_equal(out, ref)
+
+
 def test_flip_mirrors_and_brightness_shifts(fundus):
     aug = FusedTrainAugment(64, colour=False)
     flipped = QUIET.copy()

@@ -19,6 +19,11 @@ def test_jpeg_decodes_to_opencvs_pixels_in_either_channel_order(photo):
     assert np.array_equal(decode(data, bgr=True), ref)
     assert np.array_equal(decode(data), ref[..., ::-1])
     assert np.abs(decode(data).astype(int) - photo).mean() < 10  # and it is the picture (noisy, 4:2:0)
+    # padded for the four-channel warp: the same pixels, one filler channel after them
+    for bgr, ref_order in ((True, ref), (False, ref[..., ::-1])):
+        padded = decode(data, bgr=bgr, pad=True)
+        assert padded.shape == (96, 128, 4) and np.array_equal(padded[..., :3], ref_order)
+    assert decode(encode(photo, ".png"), pad=True).shape == (96, 128, 3)  # only JPEG pads
 
 
 def test_grey_jpeg_and_png_stay_single_channel(photo):

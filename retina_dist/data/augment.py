@@ -68,6 +68,7 @@ class FusedTrainAugment:
 
     def __init__(self, image_size: int, colour: bool) -> None:
         self.size, self.colour = image_size, colour
+        self._padded: np.ndarray | None = None  # four-channel warp output, reused image after image
 
     @staticmethod
     def draw(rng: np.random.Generator, n: int, views: int = 1) -> np.ndarray:
@@ -118,14 +119,24 @@ class FusedTrainAugment:
         dst: np.ndarray | None = None,
         bgr: bool = False,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``u``: this image's ``N_DRAWS`` uniforms. Returns (RGB or grey image, mask), the image
-        written into ``dst`` when given."""
+        """``image``: grey, three channels, or four with the fourth filler (``decode(pad=True)``);
+        ``u``: its ``N_DRAWS`` uniforms. Returns (RGB or grey image, mask), the image written into
+        ``dst`` when given."""
         h, w = image.shape[:2]
         geo = self.geometry(h, w, u)
         size = (self.size, self.size)
-        out = cv2.warpAffine(
-            image, geo, size, dst=dst, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
-        )
+        if image.ndim == 3 and image.shape[2] == 4:
+            # Padded colour (codec.decode(pad=True)): warp the four channels (OpenCV's vector path),
+            # then drop the filler, and the channel swap with it, straight into the output.
+            self._padded = cv2.warpAffine(
+                image, geo, size, dst=self._padded, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+            )
+            out = cv2.cvtColor(self._padded, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB, dst=dst)
+            bgr = False
+        else:
+            out = cv2.warpAffine(
+                image, geo, size, dst=dst, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+            )
         if dst is not None and not np.may_share_memory(out, dst):
             raise ValueError(f"output slot {dst.shape} does not fit a {out.shape} image")
         if mask is not None:

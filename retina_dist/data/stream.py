@@ -125,6 +125,8 @@ class ShardStream(IterableDataset):
         self.on_device = self.augment is not None and spec.augment_on_device and not spec.with_masks
         # Colour frames stay in OpenCV's BGR when the augmentation swaps channels on its output anyway.
         self.bgr = self.augment is not None and spec.in_chans == 3
+        # ... and four channels wide for the worker's warp, which is twice as fast on four as on three.
+        self.pad = self.bgr and not self.on_device
         self.corrupt = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -216,7 +218,7 @@ class ShardStream(IterableDataset):
             images = []
             for view in self.spec.views:
                 name = next(k for k in raw if k.startswith(f"{view}."))
-                image = decode(raw[name], f"{raw['__url__']}:{key}.{name}", bgr=self.bgr)
+                image = decode(raw[name], f"{raw['__url__']}:{key}.{name}", bgr=self.bgr, pad=self.pad)
                 images.append(prepare_view(image, self.spec.in_chans, self.spec.image_size))
             mask = (
                 prescale(decode(raw["mask.png"], f"{key}.mask.png"), self.spec.image_size, nearest=True)
