@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from retina_dist.bench.common import cycle, rate, table, worker_counts
 from retina_dist.data import augment_device
 from retina_dist.data.augment import build_transform
+from retina_dist.data.buffers import release
 from retina_dist.data.codec import decode
 from retina_dist.data.manifest import load_manifest, split_shards
 from retina_dist.data.pack import PackOptions, pack
@@ -110,14 +111,12 @@ def run(
         runs: dict[str, list[float]] = {"stream": [], "device": [], "bare": []}
         for _ in range(repeats):
             runs["stream"].append(
-                rate(make_loader(spec, 0, 1, w, num_batches=10**9), lambda b: len(b["key"]), batches, warm)
+                rate(make_loader(spec, 0, 1, w, num_batches=10**9), _consume, batches, warm)
             )
             # Augmentation on the device: the workers' side (decode + canvas), what a GPU node's
             # loader must sustain while the device warps each batch alongside the model's step.
             runs["device"].append(
-                rate(
-                    make_loader(dev_spec, 0, 1, w, num_batches=10**9), lambda b: len(b["key"]), batches, warm
-                )
+                rate(make_loader(dev_spec, 0, 1, w, num_batches=10**9), _consume, batches, warm)
             )
             bare_loader = DataLoader(
                 BareDecode(shard_paths, batch), batch_size=None, num_workers=w, worker_init_fn=worker_init
@@ -183,6 +182,12 @@ def run(
         "source_kib_per_sample": sum(p.stat().st_size for p in paths) / len(paths) / 1024,
         "rows": results,
     }
+
+
+def _consume(batch: dict[str, Any]) -> int:
+    """What the trainer does with a batch, less the step: hand its buffer back to the worker."""
+    release(batch)
+    return len(batch["key"])
 
 
 def device_augment_ms(spec: StreamSpec, device: torch.device, batches: int) -> float:

@@ -26,6 +26,7 @@ from webdataset.tariterators import tarfile_samples
 
 from retina_dist.data.allocator import keep_freed_memory
 from retina_dist.data.augment import FusedTrainAugment, build_transform, prescale
+from retina_dist.data.buffers import BufferPool, Lease
 from retina_dist.data.codec import CorruptImage, decode
 from retina_dist.data.preprocess import view as prepare_view
 
@@ -132,6 +133,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        self.pool = BufferPool()  # this process's own (a worker's, after the fork)
         if self.spec.train:
             yield from self._train(worker, n_workers)
         else:
@@ -256,10 +258,11 @@ class ShardStream(IterableDataset):
     def _new_batch(self) -> _Batch:
         spec = self.spec
         if not self.on_device:
-            return _Batch(self._buffer(self._shape(spec.image_size, spec.image_size)), spec.with_masks)
+            return _Batch(*self.pool.get(self._shape(spec.image_size, spec.image_size)), spec.with_masks)
         c = spec.in_chans
         views = len(spec.views)
         return _Batch(
+            None,
             None,
             False,
             geometry=np.zeros((spec.batch_size, views, 2, 3), np.float32),
@@ -277,7 +280,7 @@ class ShardStream(IterableDataset):
         frames = batch.frames
         h = max(f.shape[0] for views in frames for f in views)
         w = max(f.shape[1] for views in frames for f in views)
-        tensor = self._buffer(self._shape(h, w))
+        tensor, batch.lease = self.pool.get(self._shape(h, w))
         canvas = tensor.numpy()
         for i, views in enumerate(frames):
             for v, f in enumerate(views):
@@ -286,15 +289,6 @@ class ShardStream(IterableDataset):
                 canvas[i, v, fh:] = 0
                 canvas[i, v, :fh, fw:] = 0
         return tensor
-
-    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """uint8 B x V x H x W (x C) for one batch. In a loader worker it is allocated in shared
-        memory, as torch's own collate does, so the batch crosses to the main process without the
-        copy that pickling an ordinary tensor makes."""
-        if get_worker_info() is None:
-            return torch.empty(shape, dtype=torch.uint8)
-        n = int(np.prod(shape))
-        return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n)).view(shape)
 
     def _collate(self, batch: _Batch) -> dict[str, Any]:
         images = (self._canvas(batch) if self.on_device else batch.tensor)[: batch.n]
@@ -308,6 +302,7 @@ class ShardStream(IterableDataset):
             "key": [m["key"] for m in batch.meta],
             "image": images,  # uint8; normalised on the device
             "target": torch.tensor([m["label"] for m in batch.meta], dtype=dtype),
+            "lease": batch.lease,  # buffers.release(batch) once the pixels are on the device
         }
         if self.spec.with_masks:
             out["mask"] = torch.from_numpy(np.stack(batch.masks))
@@ -327,11 +322,12 @@ class _Batch:
     def __init__(
         self,
         tensor: torch.Tensor | None,
+        lease: Lease | None,
         with_masks: bool,
         geometry: np.ndarray | None = None,
         colour: np.ndarray | None = None,
     ) -> None:
-        self.tensor = tensor
+        self.tensor, self.lease = tensor, lease
         self.images = tensor.numpy() if tensor is not None else None
         self.geometry, self.colour = geometry, colour
         self.frames: list[list[np.ndarray]] = []

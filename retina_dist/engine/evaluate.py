@@ -22,6 +22,7 @@ from sklearn import metrics as skm
 from torch import nn
 
 from retina_dist import calibration, dist, figures, metrics
+from retina_dist.data.buffers import release
 from retina_dist.data.manifest import write_json_atomic
 from retina_dist.data.stream import StreamSpec, make_loader
 from retina_dist.engine.batch import Inputs, autocast
@@ -60,6 +61,7 @@ def predict(
     targets, probs = [], []
     for batch in make_loader(spec, env.rank, env.world_size, workers):
         x, y = inputs(batch)
+        release(batch)
         with autocast(inputs.device, amp):
             p = task.probabilities(module(x))
             if tta:

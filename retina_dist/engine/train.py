@@ -16,6 +16,7 @@ from torch import nn
 
 from retina_dist import dist
 from retina_dist.config import Config, save_config, to_dict
+from retina_dist.data.buffers import release
 from retina_dist.data.manifest import (
     DataError,
     load_manifest,
@@ -249,7 +250,9 @@ class Trainer:
         while s.batches_done < self.batches:
             loss_sum = torch.zeros((), device=self.device)
             for micro in range(accum):
-                x, y = self.inputs(next(batches))
+                batch = next(batches)
+                x, y = self.inputs(batch)
+                release(batch)  # its pixels are on the device: the loader worker may refill the buffer
                 with strategy.accumulating(last=micro == accum - 1), autocast(self.device, cfg.train.amp):
                     loss = self.task.loss(strategy.model(x), y) / accum
                 strategy.backward(loss)
