@@ -2,8 +2,8 @@
 on a common canvas with each image's 2x3 geometry and colour matrix (drawn exactly as the worker-side
 ``FusedTrainAugment`` draws them); here one ``grid_sample`` and one batched matrix product apply them
 to the whole batch. On a GPU this moves the costliest per-pixel work off the CPU workers: bench data
-measured the worker-side warp at ~40% of the JPEG decode, which capped the stream at ~0.7x bare
-decode whatever else was tuned."""
+measured the worker-side warp at a third or more of the JPEG decode, which caps the worker-side
+stream well below bare decode whatever else is tuned."""
 
 from __future__ import annotations
 

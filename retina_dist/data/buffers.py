@@ -9,6 +9,7 @@ is never overwritten, and a consumer that never releases simply gets fresh buffe
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,9 +42,7 @@ class BufferPool:
         self.allocated = 0  # fresh buffers made (reuse is visible in tests)
 
     def get(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, Lease]:
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         free = [r for r in self.kept if int(r[-1]) == RETURNED]
         raw = min((r for r in free if r.numel() > n), key=torch.Tensor.numel, default=None)
         if raw is None:
