@@ -32,6 +32,23 @@ def test_pool_reuses_a_buffer_only_after_its_release():
     assert g.data_ptr() == f.data_ptr() and pool.allocated == 4
 
 
+def test_pool_evicts_the_smallest_free_buffer_wherever_it_is_kept():
+    """The smallest free buffer is not always the first kept one (the CI run that hung: eviction
+    compared tensors elementwise when it had to search the list)."""
+    pool = BufferPool(keep=3)
+    big, lease_big = pool.get((50,))
+    small, lease_small = pool.get((10,))
+    mid, lease_mid = pool.get((30,))
+    for lease in (lease_big, lease_small, lease_mid):
+        lease.release()
+    fresh, _ = pool.get((60,))
+    kept = {r.data_ptr() for r in pool.kept}
+    assert pool.allocated == 4 and len(pool.kept) == 3
+    assert kept == {big.data_ptr(), mid.data_ptr(), fresh.data_ptr()}
+    again, _ = pool.get((40,))  # the one left free that fits: the 50-element buffer
+    assert again.data_ptr() == big.data_ptr() and pool.allocated == 4
+
+
 def _shm_id(image: torch.Tensor) -> int:
     """Which shared-memory object a batch arrived in (its inode), as the main process maps it."""
     handle = image.untyped_storage()._share_fd_cpu_()

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -79,3 +81,22 @@ def test_missing_shard_and_empty_split_are_named(odd_split, tmp_path):
         split_shards(out, empty, "val")
     with pytest.raises(DataError, match="no manifest"):
         load_manifest(tmp_path)
+
+
+def test_program_that_fails_with_a_loader_alive_exits_with_its_error(shards):
+    """Loader workers ignore SIGTERM (SLURM's preemption signal is the main process's to handle), so
+    an uncaught error, whose traceback keeps the loader alive, must still end the program: it once
+    waited forever in multiprocessing's exit handler (a CI run hung 900 s in `bench`)."""
+    script = (
+        "from retina_dist.data.manifest import load_manifest, split_shards\n"
+        "from retina_dist.data.stream import StreamSpec, make_loader\n"
+        f"root = {str(shards)!r}\n"
+        "spec = StreamSpec(tuple(split_shards(root, load_manifest(root), 'train')), 4, 32, train=True)\n"
+        "it = iter(make_loader(spec, 0, 1, workers=2, num_batches=1000))\n"
+        "next(it)\n"
+        "raise SystemError('the step failed')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.rstrip().endswith("SystemError: the step failed")
+    assert "worker" not in proc.stderr  # no report of killed workers on top of the real error

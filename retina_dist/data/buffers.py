@@ -51,8 +51,9 @@ class BufferPool:
             if len(self.kept) < self.keep:
                 self.kept.append(raw)
             elif free:  # make room: forget the smallest free buffer
-                self.kept.remove(min(free, key=torch.Tensor.numel))
-                self.kept.append(raw)
+                smallest = min(free, key=torch.Tensor.numel)
+                # By identity: list.remove would compare tensors with ==, elementwise.
+                self.kept = [r for r in self.kept if r is not smallest] + [raw]
         raw[-1] = IN_FLIGHT
         return raw[:n].view(shape), Lease(raw[-1:])
 

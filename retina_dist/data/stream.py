@@ -12,8 +12,10 @@ Evaluation: shards are dealt round-robin to (rank, worker), each read once, in o
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import multiprocessing.util
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -352,6 +354,22 @@ def worker_init(worker_id: int) -> None:
     # the main process raise before it can checkpoint; the main process decides when workers stop.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _end_workers() -> None:
+    """At exit, kill the daemonic children (loader workers) still running. multiprocessing's own exit
+    handler ends them with SIGTERM, which ours ignore (above), then joins them: a program whose
+    loader outlived it (an uncaught exception keeps its frames, and so its iterators, alive) would
+    wait forever instead of exiting with its error."""
+    # torch's SIGCHLD handler would report each as a failed worker, on top of the real error.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+# Registered after multiprocessing.util's handler (imported above), so run before it.
+atexit.register(_end_workers)
 
 
 def make_loader(
