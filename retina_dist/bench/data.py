@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import statistics
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from retina_dist.data.buffers import release
 from retina_dist.data.codec import decode
 from retina_dist.data.manifest import load_manifest, split_shards
 from retina_dist.data.pack import PackOptions, pack
+from retina_dist.data.shard_reader import read_samples
 from retina_dist.data.sources import build_source
 from retina_dist.data.stream import StreamSpec, make_loader, worker_init
 from retina_dist.data.synth_layouts import synth
@@ -44,9 +44,10 @@ class LooseFiles(Dataset):
 
 
 class BareDecode(IterableDataset):
-    """Only the decode of the packed bytes, the ceiling for the stream: the stream's own decoder call
-    in workers set up as the stream's are (allocator included), counted inside the worker, so no
-    pixels cross the process boundary (shipping full decoded frames would measure pickling)."""
+    """Only the reading and decode of the packed bytes, the ceiling for the stream: the stream's own
+    shard reader and decoder call in workers set up as the stream's are (allocator included),
+    counted inside the worker, so no pixels cross the process boundary (shipping full decoded frames
+    would measure pickling)."""
 
     def __init__(self, shards: list[str], batch: int) -> None:
         self.shards, self.batch = shards, batch
@@ -56,15 +57,13 @@ class BareDecode(IterableDataset):
         mine = self.shards[info.id :: info.num_workers] if info else self.shards
         done = 0
         while True:
-            for path in mine:
-                with tarfile.open(path) as tf:
-                    for m in tf.getmembers():
-                        if ".img." in m.name:
-                            decode(tf.extractfile(m).read(), bgr=True)  # the stream's call
-                            done += 1
-                            if done == self.batch:
-                                yield torch.tensor(done)
-                                done = 0
+            for sample in read_samples(mine):
+                image = next(v for k, v in sample.items() if k.startswith("img."))
+                decode(image, bgr=True)  # the stream's call
+                done += 1
+                if done == self.batch:
+                    yield torch.tensor(done)
+                    done = 0
 
 
 def run(

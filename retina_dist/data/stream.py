@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
 from retina_dist.data.allocator import keep_freed_memory
 from retina_dist.data.augment import FusedTrainAugment, build_transform, prescale
 from retina_dist.data.buffers import BufferPool, Lease
 from retina_dist.data.codec import CorruptImage, decode
 from retina_dist.data.preprocess import view as prepare_view
+from retina_dist.data.shard_reader import read_samples
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,6 @@ class StreamSpec:
 def batches_per_rank(spec: StreamSpec, world_size: int, accum_steps: int = 1) -> int:
     """Full batches each rank runs per training epoch: equal on all ranks, a multiple of ``accum_steps``."""
     return spec.count // (world_size * spec.batch_size) // accum_steps * accum_steps
-
-
-def _read(paths: list[str]) -> Iterator[dict[str, Any]]:
-    yield from tarfile_samples([{"url": p} for p in paths])
 
 
 def _shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -186,7 +182,7 @@ class ShardStream(IterableDataset):
         cycle = 0
         while True:
             rng = np.random.default_rng([spec.seed, self.epoch, gw, cycle])
-            stream = _read([mine[i] for i in rng.permutation(len(mine))])
+            stream = read_samples([mine[i] for i in rng.permutation(len(mine))])
             if not by_shard:
                 stream = (s for i, s in enumerate(stream) if i % total == gw)
             if spec.repeat:
@@ -201,7 +197,7 @@ class ShardStream(IterableDataset):
         gw, total = self.rank * n_workers + worker, self.world * n_workers
         paths = [p for p, _ in self.spec.shards][gw::total]
         batch = self._new_batch()
-        for raw in _read(paths) if paths else ():
+        for raw in read_samples(paths):
             sample = self._load(raw)
             if sample is None:
                 continue
