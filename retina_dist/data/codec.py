@@ -15,15 +15,20 @@ class CorruptImage(ValueError):
     pass
 
 
-def decode(data: bytes, name: str = "", bgr: bool = False, pad: bool = False) -> np.ndarray:
+def decode(
+    data: bytes, name: str = "", bgr: bool = False, pad: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
     """HxW (grey) or HxWx3 (RGB, or OpenCV's BGR with ``bgr``: the caller swaps on a smaller image)
     uint8; raises CorruptImage naming ``name`` when unreadable.
 
     ``pad``: a colour JPEG comes as HxWx4, RGBX (BGRX with ``bgr``), the fourth channel filler.
     libjpeg-turbo writes that layout at the same cost, and OpenCV's bilinear warp has a vector path
-    for four channels and not for three (bench data: ~300 -> ~175 us per 224 px output here)."""
+    for four channels and not for three (bench data: ~300 -> ~175 us per 224 px output here).
+
+    ``out``: a C-contiguous uint8 array of the shape this call returns (``jpeg_shape``), which a
+    JPEG is decoded straight into, sparing the copy of the frame into a batch buffer."""
     if data[:3] == b"\xff\xd8\xff" and (space := _jpeg_colourspace(data)) in ("YCbCr", "RGB", "Gray"):
-        return _decode_jpeg(data, name, bgr, space, pad)
+        return _decode_jpeg(data, name, bgr, space, pad, out)
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if arr is None or arr.size == 0:
         raise CorruptImage(f"{name or 'image'}: cannot be decoded ({len(data)} bytes)")
@@ -45,13 +50,31 @@ def _jpeg_colourspace(data: bytes) -> str:
         return ""
 
 
-def _decode_jpeg(data: bytes, name: str, bgr: bool, colourspace: str, pad: bool = False) -> np.ndarray:
+def jpeg_shape(data: bytes, pad: bool = False) -> tuple[int, ...] | None:
+    """The shape ``decode`` gives a JPEG that it decodes itself (HxW grey, HxWx3 or, padded, HxWx4
+    colour), read from the header alone; None for anything else."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        h, w, space, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if space == "Gray":
+        return (h, w)
+    return (h, w, 4 if pad else 3) if space in ("YCbCr", "RGB") else None
+
+
+def _decode_jpeg(
+    data: bytes, name: str, bgr: bool, colourspace: str, pad: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
     try:
         if colourspace == "Gray":
-            return simplejpeg.decode_jpeg(data, "GRAY")[..., 0]
+            grey = simplejpeg.decode_jpeg(data, "GRAY", strict=True, buffer=out)
+            return grey[..., 0] if out is None else out
         # strict: a truncated or damaged stream is an error (libjpeg would only warn and pad with grey)
         order = ("BGR" if bgr else "RGB") + ("X" if pad else "")
-        return simplejpeg.decode_jpeg(data, order, strict=True)
+        image = simplejpeg.decode_jpeg(data, order, strict=True, buffer=out)
+        return image if out is None else out
     except ValueError as err:
         raise CorruptImage(f"{name or 'image'}: cannot be decoded ({len(data)} bytes): {err}") from err
 

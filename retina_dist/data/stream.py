@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from retina_dist.data.allocator import keep_freed_memory
 from retina_dist.data.augment import FusedTrainAugment, build_transform, prescale
 from retina_dist.data.buffers import BufferPool, Lease
-from retina_dist.data.codec import CorruptImage, decode
+from retina_dist.data.canvas import Canvas
+from retina_dist.data.codec import CorruptImage, decode, jpeg_shape
 from retina_dist.data.preprocess import view as prepare_view
 from retina_dist.data.shard_reader import read_samples
 
@@ -127,6 +128,7 @@ class ShardStream(IterableDataset):
         # ... and four channels wide for the worker's warp, ~1.7x faster on four than on three.
         self.pad = self.bgr and not self.on_device
         self.corrupt = 0
+        self._canvas_size = (0, 0)  # the largest canvas this worker has needed (augmentation on device)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -153,7 +155,7 @@ class ShardStream(IterableDataset):
         batch = self._new_batch()
         draws = self._draws(j)
         while taken < quota:
-            sample = self._load(next(raw))
+            sample = self._load(next(raw), batch)
             if sample is None:
                 continue
             self._place(sample, batch, draws)
@@ -209,16 +211,24 @@ class ShardStream(IterableDataset):
             yield self._collate(batch)
 
     # -- samples --------------------------------------------------------------------------------
-    def _load(self, raw: dict[str, Any]) -> tuple[dict, list[np.ndarray], np.ndarray | None] | None:
+    def _load(
+        self, raw: dict[str, Any], batch: _Batch | None = None
+    ) -> tuple[dict, list[np.ndarray], np.ndarray | None] | None:
         """Decoded views (BGR when the augmentation will swap channels on its small output) and
-        mask, or None for a sample that cannot be read (skipped and counted)."""
+        mask, or None for a sample that cannot be read (skipped and counted). With the augmentation
+        on the device the views land in ``batch``'s canvas, as its next sample."""
         key = raw["__key__"]
+        canvas = batch.canvas if batch is not None else None
         try:
             meta = json.loads(raw["json"])
             images = []
-            for view in self.spec.views:
+            for v, view in enumerate(self.spec.views):
                 name = next(k for k in raw if k.startswith(f"{view}."))
-                image = decode(raw[name], f"{raw['__url__']}:{key}.{name}", bgr=self.bgr, pad=self.pad)
+                label = f"{raw['__url__']}:{key}.{name}"
+                if canvas is not None:
+                    images.append(self._onto_canvas(canvas, batch.n, v, raw[name], label))
+                    continue
+                image = decode(raw[name], label, bgr=self.bgr, pad=self.pad)
                 images.append(prepare_view(image, self.spec.in_chans, self.spec.image_size))
             mask = (
                 prescale(decode(raw["mask.png"], f"{key}.mask.png"), self.spec.image_size, nearest=True)
@@ -226,14 +236,28 @@ class ShardStream(IterableDataset):
                 else None
             )
         except (CorruptImage, StopIteration, KeyError, ValueError) as err:
+            if canvas is not None:
+                canvas.forget(batch.n)
             self.corrupt += 1
             log.warning("skipping sample %s (%s); %d skipped so far in this worker", key, err, self.corrupt)
             return None
         return meta, images, mask
 
+    def _onto_canvas(self, canvas: Canvas, i: int, v: int, data: bytes, label: str) -> np.ndarray:
+        """A view decoded straight into its canvas slot when nothing else is to be done to it (the
+        model's channels, no prescale), else decoded, prepared and copied in."""
+        spec = self.spec
+        shape = jpeg_shape(data)
+        if shape is not None and len(shape) == (3 if spec.in_chans == 3 else 2):
+            if min(shape[:2]) // spec.image_size < 2 and (dst := canvas.slot(i, v, *shape[:2])) is not None:
+                return decode(data, label, bgr=self.bgr, out=dst)
+        image = prepare_view(decode(data, label, bgr=self.bgr), spec.in_chans, spec.image_size)
+        canvas.put(i, v, image)
+        return image
+
     def _place(self, sample: tuple, batch: _Batch, draws: np.ndarray | None) -> None:
         """Transform a loaded sample straight into the next slot of the batch buffer (or, with the
-        augmentation on the device, keep its frames and their matrices for the canvas)."""
+        augmentation on the device, where its frame already is, work out its matrices)."""
         meta, images, mask = sample
         i = batch.n
         if self.on_device:
@@ -241,7 +265,7 @@ class ShardStream(IterableDataset):
                 u, rgb = draws[i, v], image.ndim == 3
                 batch.geometry[i, v] = self.augment.geometry(*image.shape[:2], u)
                 batch.colour[i, v] = self.augment.colour_map(u, 3 if rgb else 1, bgr=self.bgr and rgb)
-            batch.add(meta, None, images)
+            batch.add(meta, None)
             return
         for v, image in enumerate(images):
             slot = batch.images[i, v]
@@ -265,6 +289,7 @@ class ShardStream(IterableDataset):
             False,
             geometry=np.zeros((spec.batch_size, views, 2, 3), np.float32),
             colour=np.zeros((spec.batch_size, views, c, c + 1), np.float32),
+            canvas=Canvas(self.pool, (spec.batch_size, views), c, self._canvas_size),
         )
 
     def _shape(self, h: int, w: int) -> tuple[int, ...]:
@@ -272,24 +297,12 @@ class ShardStream(IterableDataset):
         shape = (spec.batch_size, len(spec.views), h, w)
         return shape + ((spec.in_chans,) if spec.in_chans > 1 else ())
 
-    def _canvas(self, batch: _Batch) -> torch.Tensor:
-        """The batch's frames top-left on one canvas as large as the largest, zeros beyond each frame
-        (so the device warp sees the same black border as OpenCV's constant border)."""
-        frames = batch.frames
-        h = max(f.shape[0] for views in frames for f in views)
-        w = max(f.shape[1] for views in frames for f in views)
-        tensor, batch.lease = self.pool.get(self._shape(h, w))
-        canvas = tensor.numpy()
-        for i, views in enumerate(frames):
-            for v, f in enumerate(views):
-                fh, fw = f.shape[:2]
-                canvas[i, v, :fh, :fw] = f
-                canvas[i, v, fh:] = 0
-                canvas[i, v, :fh, fw:] = 0
-        return tensor
-
     def _collate(self, batch: _Batch) -> dict[str, Any]:
-        images = (self._canvas(batch) if self.on_device else batch.tensor)[: batch.n]
+        if batch.canvas is not None:
+            images, batch.lease = batch.canvas.finish(batch.n), batch.canvas.lease
+            self._canvas_size = batch.canvas.size
+        else:
+            images = batch.tensor[: batch.n]
         # B x V x H x W x C -> B x V x C x H x W as a view: channels-last strides, no copy here; the
         # device normalisation makes the layout the model asks for.
         images = images.unsqueeze(2) if images.ndim == 4 else images.permute(0, 1, 4, 2, 3)
@@ -315,7 +328,7 @@ class ShardStream(IterableDataset):
 
 class _Batch:
     """A batch being filled: its pixel buffer (and a numpy view of it) or, with the augmentation on
-    the device, its decoded frames and their matrices; labels; masks."""
+    the device, its canvas of decoded frames and their matrices; labels; masks."""
 
     def __init__(
         self,
@@ -324,11 +337,11 @@ class _Batch:
         with_masks: bool,
         geometry: np.ndarray | None = None,
         colour: np.ndarray | None = None,
+        canvas: Canvas | None = None,
     ) -> None:
         self.tensor, self.lease = tensor, lease
         self.images = tensor.numpy() if tensor is not None else None
-        self.geometry, self.colour = geometry, colour
-        self.frames: list[list[np.ndarray]] = []
+        self.geometry, self.colour, self.canvas = geometry, colour, canvas
         self.meta: list[dict] = []
         self.masks: list[np.ndarray] | None = [] if with_masks else None
 
@@ -336,12 +349,10 @@ class _Batch:
     def n(self) -> int:
         return len(self.meta)
 
-    def add(self, meta: dict, mask: np.ndarray | None, frames: list[np.ndarray] | None = None) -> None:
+    def add(self, meta: dict, mask: np.ndarray | None) -> None:
         self.meta.append(meta)
         if self.masks is not None:
             self.masks.append(mask)
-        if frames is not None:
-            self.frames.append(frames)
 
 
 def worker_init(worker_id: int) -> None:
