@@ -19,12 +19,12 @@ from retina_dist.data.buffers import BufferPool, Lease
 class Canvas:
     def __init__(self, pool: BufferPool, lead: tuple[int, ...], chans: int, size: tuple[int, int]) -> None:
         self.pool, self.lead, self.chans = pool, lead, chans  # lead: (batch, views)
-        self.size = (0, 0)
+        # Taken from the pool at the first frame, not before: a buffer held by a batch not yet begun
+        # is one more in flight than the pool keeps.
+        self.size = size
         self.tensor: torch.Tensor | None = None
         self.lease: Lease | None = None
         self.frames: dict[tuple[int, int], tuple[int, int]] = {}  # (sample, view) -> (h, w) placed
-        if size[0] and size[1]:
-            self._grow(*size)
 
     def slot(self, i: int, v: int, h: int, w: int) -> np.ndarray | None:
         """Where frame ``v`` of sample ``i``, ``h`` x ``w``, can be decoded in place; None when it is
@@ -54,13 +54,13 @@ class Canvas:
         return self.tensor[:n]
 
     def _fit(self, h: int, w: int) -> None:
-        if h > self.size[0] or w > self.size[1]:
+        if self.tensor is None or h > self.size[0] or w > self.size[1]:
             self._grow(max(h, self.size[0]), max(w, self.size[1]))
 
     def _grow(self, h: int, w: int) -> None:
         tensor, lease = self.pool.get(self.lead + (h, w) + ((self.chans,) if self.chans > 1 else ()))
         array = tensor.numpy()
-        for (i, v), (fh, fw) in self.frames.items():
+        for (i, v), (fh, fw) in self.frames.items():  # none when the first frame takes the buffer
             array[i, v, :fh, :fw] = self.array[i, v, :fh, :fw]
         if self.lease is not None:
             self.lease.release()
