@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ class BareDecode(IterableDataset):
     def __init__(self, shards: list[str], batch: int) -> None:
         self.shards, self.batch = shards, batch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[torch.Tensor]:
         info = torch.utils.data.get_worker_info()
         mine = self.shards[info.id :: info.num_workers] if info else self.shards
         done = 0

@@ -30,12 +30,17 @@ def build_transform(image_size: int, train: bool, augment: bool, colour: bool) -
     return A.Compose(ops, seed=0)
 
 
+def prescale_factor(h: int, w: int, size: int) -> int:
+    """The integer shrink ``prescale`` applies to an h x w image (below 2: none)."""
+    return min(h, w) // size
+
+
 def prescale(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
     """Shrink by the largest integer factor that keeps both sides >= ``size``, with OpenCV's fast
     integer-factor area path: anti-aliased like INTER_AREA at a fraction of its cost, and no detail
     below the training resolution is lost. The few rows/columns past a multiple of the factor go."""
     h, w = image.shape[:2]
-    k = min(h, w) // size
+    k = prescale_factor(h, w, size)
     if k < 2:
         return image
     h2, w2 = h // k * k, w // k * k

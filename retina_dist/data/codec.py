@@ -27,8 +27,8 @@ def decode(
 
     ``out``: a C-contiguous uint8 array of the shape this call returns (``jpeg_shape``), which a
     JPEG is decoded straight into, sparing the copy of the frame into a batch buffer."""
-    if data[:3] == b"\xff\xd8\xff" and (space := _jpeg_colourspace(data)) in ("YCbCr", "RGB", "Gray"):
-        return _decode_jpeg(data, name, bgr, space, pad, out)
+    if (header := _jpeg_header(data)) is not None and header[2] in ("YCbCr", "RGB", "Gray"):
+        return _decode_jpeg(data, name, bgr, header[2], pad, out)
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if arr is None or arr.size == 0:
         raise CorruptImage(f"{name or 'image'}: cannot be decoded ({len(data)} bytes)")
@@ -41,27 +41,26 @@ def decode(
     return arr
 
 
-def _jpeg_colourspace(data: bytes) -> str:
-    """simplejpeg's name for the stream's colour space; '' when the header cannot be read (OpenCV
-    then tries, and names the file if it fails too). CMYK/YCCK go to OpenCV, which converts them."""
-    try:
-        return simplejpeg.decode_jpeg_header(data)[2]
-    except ValueError:
-        return ""
-
-
-def jpeg_shape(data: bytes, pad: bool = False) -> tuple[int, ...] | None:
-    """The shape ``decode`` gives a JPEG that it decodes itself (HxW grey, HxWx3 or, padded, HxWx4
-    colour), read from the header alone; None for anything else."""
+def _jpeg_header(data: bytes) -> tuple[int, int, str] | None:
+    """Height, width and simplejpeg's name for the colour space of a JPEG; None when ``data`` is
+    not one or its header cannot be read (OpenCV then tries, and names the file if it fails too).
+    CMYK/YCCK go to OpenCV too, which converts them."""
     if data[:3] != b"\xff\xd8\xff":
         return None
     try:
         h, w, space, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
-    if space == "Gray":
-        return (h, w)
-    return (h, w, 4 if pad else 3) if space in ("YCbCr", "RGB") else None
+    return h, w, space
+
+
+def jpeg_shape(data: bytes) -> tuple[int, ...] | None:
+    """The shape ``decode`` (unpadded) gives a JPEG that it decodes itself, HxW grey or HxWx3
+    colour, read from the header alone; None for anything else."""
+    header = _jpeg_header(data)
+    if header is None or header[2] not in ("YCbCr", "RGB", "Gray"):
+        return None
+    return header[:2] if header[2] == "Gray" else (*header[:2], 3)
 
 
 def _decode_jpeg(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retina_dist.data.augment import prescale
+from retina_dist.data.augment import prescale, prescale_factor
 from retina_dist.data.codec import fit_max_side
 
 
@@ -22,6 +22,12 @@ def view(image: np.ndarray, in_chans: int, image_size: int) -> np.ndarray:
     """A decoded shard image as the transform expects it: the model's channels, shrunk by the
     largest integer factor first (anti-aliased, cheap)."""
     return prescale(to_channels(image, in_chans), image_size)
+
+
+def view_unchanged(shape: tuple[int, ...], in_chans: int, image_size: int) -> bool:
+    """Whether ``view`` returns a decoded image of ``shape`` as it is: already the model's
+    channels, and too small to prescale (it can then be decoded straight into its batch slot)."""
+    return len(shape) == (3 if in_chans == 3 else 2) and prescale_factor(*shape[:2], image_size) < 2
 
 
 def as_packed(image: np.ndarray, max_side: int) -> np.ndarray:

@@ -45,8 +45,8 @@ def _shard(path: str) -> Iterator[dict[str, Any]]:
             if len(data) < size:
                 raise DataError(f"{path}: truncated in member {name!r} (header at byte {offset})")
             fh.read(-size % BLOCK)
-            offset += BLOCK + size + -size % BLOCK
             key, ext = _split(name, path, offset)
+            offset += BLOCK + size + -size % BLOCK
             if sample is not None and sample["__key__"] != key:
                 yield sample
                 sample = None
@@ -84,5 +84,5 @@ def _split(name: str, path: str, offset: int) -> tuple[str, str]:
     slash = name.rfind("/") + 1
     dot = name.find(".", slash)
     if dot <= slash:
-        raise DataError(f"{path}: member {name!r} before byte {offset} has no key.extension name")
+        raise DataError(f"{path}: member {name!r} at byte {offset} has no key.extension name")
     return name[:dot], name[dot + 1 :]

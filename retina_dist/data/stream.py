@@ -31,6 +31,7 @@ from retina_dist.data.buffers import BufferPool, Lease
 from retina_dist.data.canvas import Canvas
 from retina_dist.data.codec import CorruptImage, decode, jpeg_shape
 from retina_dist.data.preprocess import view as prepare_view
+from retina_dist.data.preprocess import view_unchanged
 from retina_dist.data.shard_reader import read_samples
 
 log = logging.getLogger(__name__)
@@ -248,8 +249,8 @@ class ShardStream(IterableDataset):
         model's channels, no prescale), else decoded, prepared and copied in."""
         spec = self.spec
         shape = jpeg_shape(data)
-        if shape is not None and len(shape) == (3 if spec.in_chans == 3 else 2):
-            if min(shape[:2]) // spec.image_size < 2 and (dst := canvas.slot(i, v, *shape[:2])) is not None:
+        if shape is not None and view_unchanged(shape, spec.in_chans, spec.image_size):
+            if (dst := canvas.slot(i, v, *shape[:2])) is not None:
                 return decode(data, label, bgr=self.bgr, out=dst)
         image = prepare_view(decode(data, label, bgr=self.bgr), spec.in_chans, spec.image_size)
         canvas.put(i, v, image)
