@@ -6,6 +6,7 @@ value of the wrong type fails here, naming the key, before any process group or 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,8 @@ class LogConfig:
     progress: str = "auto"  # auto: a bar on a TTY, plain lines otherwise | bar | lines | off
 
     def __post_init__(self) -> None:
+        if self.progress == "False":  # YAML 1.1 reads a bare `off` as false
+            self.progress = "off"
         _choice("log.progress", self.progress, ("auto", "bar", "lines", "off"))
 
 
@@ -195,7 +198,7 @@ def preset_path(preset: str) -> Path:
     return path
 
 
-def load_config(preset: str = "synthetic", overrides: list[str] = (), smoke: bool = False) -> Config:
+def load_config(preset: str = "synthetic", overrides: Sequence[str] = (), smoke: bool = False) -> Config:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
@@ -235,6 +238,6 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from retina_dist.data.manifest import write_text_atomic
+    from retina_dist import atomic
 
-    write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic.write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

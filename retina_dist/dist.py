@@ -125,13 +125,35 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any: the ranks agree before acting on a signal."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+class LaggedAgreement:
+    """Whether any rank raised a flag, agreed without a blocking collective per step: each ``poll``
+    starts a non-blocking MAX all-reduce of this rank's flag and returns the previous poll's result,
+    which has long finished. Every rank gets the same answer at the same poll, so all stop at the same
+    step boundary, one step after the signal."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pending: tuple[torch.Tensor, Any] | None = None
+
+    def poll(self, flag: bool) -> bool:
+        if not dist.is_initialized():
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        previous, self._pending = self._pending, (t, dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True))
+        return self._read(previous)
+
+    def drain(self) -> bool:
+        """The outstanding poll's answer (call at a point every rank reaches, e.g. an epoch's end)."""
+        previous, self._pending = self._pending, None
+        return self._read(previous)
+
+    @staticmethod
+    def _read(pending: tuple[torch.Tensor, Any] | None) -> bool:
+        if pending is None:
+            return False
+        t, work = pending
+        work.wait()
+        return bool(t.item())
 
 
 def gather_objects(obj: Any) -> list[Any]:

@@ -64,8 +64,9 @@ def multilabel(
         "odir_kappa_f1_auc": odir_parts,
         "ece": expected_calibration_error(flat_p, flat_t.astype(float)),
     }
-    if out["macro_auroc"] is not None and out["mAP"] is not None:
-        out["riadd_score"] = (out["macro_auroc"] + out["mAP"]) / 2  # RIADD: mean(macro AUROC, mAP)
+    macro_auroc, m_ap = out["macro_auroc"], out["mAP"]
+    if isinstance(macro_auroc, float) and isinstance(m_ap, float):
+        out["riadd_score"] = (macro_auroc + m_ap) / 2  # RIADD: mean(macro AUROC, mAP)
     if "Disease_Risk" in classes:
         out["disease_risk_auroc"] = auc["Disease_Risk"]
     return out

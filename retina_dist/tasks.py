@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from retina_dist import losses, metrics
+
+if TYPE_CHECKING:
+    from retina_dist.data.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,8 @@ class Task:
         return [f"true_{c}" for c in self.classes] if self.multilabel else ["target"]
 
 
-def build_task(manifest: dict[str, Any], optim: Any = None, train_split: str = "train") -> Task:
-    spec = manifest["task"]
+def build_task(manifest: Manifest, optim: Any = None, train_split: str = "train") -> Task:
+    spec = manifest.task
     if spec["type"] not in ("multiclass", "multilabel", "binary"):
         raise ValueError(f"manifest task type {spec['type']!r} is not supported")
     kind = "multiclass" if spec["type"] == "binary" else spec["type"]
@@ -68,9 +71,9 @@ def build_task(manifest: dict[str, Any], optim: Any = None, train_split: str = "
         return Task(kind, classes)
     pos_weight = None
     if kind == "multilabel" and (optim.pos_weight or optim.loss == "hybrid"):
-        split = manifest["splits"].get(train_split, {})
+        split = manifest.splits.get(train_split)
         pos_weight = losses.pos_weight_from_histogram(
-            split.get("histogram", {}), split.get("count", 0), classes
+            split.histogram if split else {}, split.count if split else 0, classes
         )
     if (
         optim.loss in ("ce",)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ def accumulation(rank: int, world: int, port: int, micro: int, accum: int, out: 
     import timm
 
     from retina_dist import dist
+    from retina_dist.engine.step import TrainStep
     from retina_dist.engine.strategy import DDPStrategy
     from retina_dist.engine.train import build_optimizer, warmup_cosine
 
@@ -37,15 +39,18 @@ def accumulation(rank: int, world: int, port: int, micro: int, accum: int, out: 
     strategy = DDPStrategy(
         model, opt, warmup_cosine(opt, 1, 10, 0.1), dist.discover(), torch.device("cpu"), "none"
     )
+    grads: dict[str, torch.Tensor] = {}
+    named = list(model.named_parameters())
+    # The step zeroes the grads after the update: keep them as the optimizer saw them (reduced).
+    opt.register_step_pre_hook(lambda *_: grads.update({n: p.grad.clone() for n, p in named}))
     g = torch.Generator().manual_seed(100 + rank)
     x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g)
-    for i in range(accum):
-        xs, ys = x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]
-        with strategy.accumulating(last=i == accum - 1):
-            loss = torch.nn.functional.cross_entropy(strategy.model(xs), ys) / accum
-        strategy.backward(loss)
+    step = TrainStep(strategy, torch.nn.functional.cross_entropy, accum, max_grad_norm=0.0)
+    out_step = step((x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]) for i in range(accum))
+    assert out_step.samples == 8
     if rank == 0:
-        torch.save({n: p.grad.clone() for n, p in model.named_parameters()}, out)
+        params = {n: p.detach().clone() for n, p in named}
+        torch.save({"grads": grads, "params": params, "loss": out_step.loss.clone()}, out)
     dist.destroy()
 
 
@@ -91,6 +96,7 @@ def strategy_steps(
 
     from retina_dist import dist
     from retina_dist.config import load_config
+    from retina_dist.engine.step import TrainStep
     from retina_dist.engine.strategy import build_strategy
     from retina_dist.engine.train import build_optimizer, warmup_cosine
 
@@ -108,25 +114,76 @@ def strategy_steps(
     model = timm.create_model("convnext_atto", num_classes=3)
     opt = build_optimizer(model, 1e-3, 0.05)
     s = build_strategy(cfg, model, opt, warmup_cosine(opt, 1, 10, 0.1), dist.discover(), torch.device("cpu"))
+    train_step = TrainStep(s, torch.nn.functional.cross_entropy, accum, max_grad_norm=1.0)
     for step in range(steps):
         g = torch.Generator().manual_seed(1000 * step + rank)
         x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g)
-        for i in range(accum):
-            with s.accumulating(last=i == accum - 1):
-                loss = (
-                    torch.nn.functional.cross_entropy(
-                        s.model(x[i * micro : (i + 1) * micro]), y[i * micro : (i + 1) * micro]
-                    )
-                    / accum
-                )
-            s.backward(loss)
-        s.clip_and_step(1.0)
+        train_step((x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]) for i in range(accum))
+    s.check_finite()
     if rank == 0:
         torch.save({n: p.detach().float().clone() for n, p in s.module.named_parameters()}, out)
     dist.barrier()
     dist.destroy()
     # Once (in 4 CI runs) a DeepSpeed rank aborted in C++ teardown at interpreter exit ("terminate
     # called without an active exception") after its work was done and saved; leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def strategy_roundtrip(rank: int, world: int, port: int, strategy: str, stage: int, out: str) -> None:
+    """Two steps, then the Strategy's state_dict into a second strategy built from another init;
+    one more step on each with the same data: both must land on the same parameters."""
+    _join(rank, world, port)
+    import timm
+
+    from torch.utils._pytree import tree_map
+
+    from retina_dist import dist
+    from retina_dist.config import load_config
+    from retina_dist.engine.step import TrainStep
+    from retina_dist.engine.strategy import build_strategy
+    from retina_dist.engine.train import build_optimizer, warmup_cosine
+
+    cfg = load_config(
+        "synthetic",
+        [f"train.strategy={strategy}", f"deepspeed.zero_stage={stage}", "train.batch_size=8"],
+    )
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = timm.create_model("convnext_atto", num_classes=3)
+        opt = build_optimizer(model, 1e-3, 0.05)
+        s = build_strategy(
+            cfg, model, opt, warmup_cosine(opt, 1, 10, 0.1), dist.discover(), torch.device("cpu")
+        )
+        return s, TrainStep(s, torch.nn.functional.cross_entropy, 1, max_grad_norm=1.0)
+
+    def data(step: int):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g))]
+
+    a, step_a = build(0)
+    for i in range(2):
+        step_a(data(i))
+    b, step_b = build(1)
+    # A copy, as a checkpoint file would hold: torch's optimizers adopt the given state tensors.
+    b.load_state_dict(
+        tree_map(lambda v: v.detach().clone() if torch.is_tensor(v) else copy.copy(v), a.state_dict())
+    )
+    step_a(data(2))
+    step_b(data(2))
+    if rank == 0:
+        torch.save(
+            {
+                "a": {n: p.detach().float().clone() for n, p in a.module.named_parameters()},
+                "b": {n: p.detach().float().clone() for n, p in b.module.named_parameters()},
+                "lr": (a.scheduler.get_last_lr(), b.scheduler.get_last_lr()),
+            },
+            out,
+        )
+    dist.barrier()
+    dist.destroy()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

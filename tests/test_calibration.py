@@ -79,10 +79,10 @@ def test_repeat_factor_sampling_moves_class_frequencies_toward_balance(tmp_path)
         workers=1,
         progress=False,
     )
-    split = m["splits"]["train"]
-    classes = tuple(m["task"]["classes"])
-    f = np.array([split["histogram"][c] for c in classes]) / split["count"]
-    r = np.array(repeat_factors(split["histogram"], split["count"], classes))
+    split = m.splits["train"]
+    classes = tuple(m.task["classes"])
+    f = np.array([split.histogram[c] for c in classes]) / split.count
+    r = np.array(repeat_factors(split.histogram, split.count, classes))
     assert r[f.argmax()] == 1.0 and all(r >= 1) and r[f.argmin()] == pytest.approx(np.sqrt(f.max() / f.min()))
     expected = f * r / (f * r).sum()
 

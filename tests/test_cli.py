@@ -39,14 +39,18 @@ def test_unpacked_dataset_and_empty_split_are_clear_errors(shards, tmp_path):
     assert proc.returncode == 2 and "no split 'test'" in proc.stderr
 
 
-def test_eval_command_reevaluates_a_run(shards, tmp_path):
+def test_eval_command_reevaluates_a_run_apart_from_its_training(shards, tmp_path):
     run_dir = tmp_path / "r"
     run_cli("train", "--run-dir", str(run_dir), f"data.shards={shards}", *TINY, "train.epochs=1")
-    before = json.loads((run_dir / "metrics.json").read_text())["val"]
-    (run_dir / "metrics.json").unlink()
+    trained = json.loads((run_dir / "metrics.json").read_text())["val"]
     run_cli("eval", "--run-dir", str(run_dir), "--nproc", "2")
-    after = json.loads((run_dir / "metrics.json").read_text())["val"]
-    assert after["n"] == before["n"] and after["accuracy"] == before["accuracy"]
+    (latest,) = [p.name for p in (run_dir / "evals").iterdir()]
+    assert latest == f"val-step-{trained['step']:08d}"
+    again = json.loads((run_dir / "evals" / latest / "metrics.json").read_text())["val"]
+    assert again["n"] == trained["n"] and again["accuracy"] == trained["accuracy"]
+    assert again["temperature"] == trained["temperature"]  # the run's calibration, applied, not refitted
+    assert (run_dir / "evals" / latest / "predictions" / "val.csv").exists()
+    assert (run_dir / "evals" / latest / "figures" / "val_roc.png").exists()
 
 
 def test_prepare_checks_every_split_before_any_rank_starts(shards, tmp_path):

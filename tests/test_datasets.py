@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from retina_dist.data.archive import resolve_src
-from retina_dist.data.manifest import DataError, load_manifest, split_shards, verify
+from retina_dist.data.manifest import DataError, Manifest, load_manifest, split_shards, verify
 from retina_dist.data.pack import PackOptions, pack
 from retina_dist.data.sources import build_source
 from retina_dist.data.sources.common import read_xlsx
@@ -25,7 +25,7 @@ from tests.conftest import run_cli
 OPTS = PackOptions(shard_size=16, min_shards=2, max_side=56, seed=3)
 
 
-def _pack(dataset: str, src: Path, out: Path, **opts) -> dict:
+def _pack(dataset: str, src: Path, out: Path, **opts) -> Manifest:
     source = build_source(dataset, src=resolve_src(src, out.parent / f"{out.name}-x"), **opts)
     return pack(source, out, OPTS, workers=1, progress=False)
 
@@ -42,20 +42,20 @@ def _records(out: Path) -> dict[str, dict]:
     return recs
 
 
-def _stream_one(out: Path, m: dict) -> dict:
+def _stream_one(out: Path, m: Manifest) -> dict:
     spec = StreamSpec(
         tuple(split_shards(out, m, "train")),
         batch_size=4,
         image_size=32,
         train=True,
-        views=tuple(m["views"]),
-        multilabel=m["task"]["type"] == "multilabel",
+        views=tuple(m.views),
+        multilabel=m.task["type"] == "multilabel",
     )
     return next(iter(make_loader(spec, 0, 1, 0, num_batches=1)))
 
 
-def _disjoint(m: dict) -> None:
-    assert m["patient_overlap"] and all(v == 0 for v in m["patient_overlap"].values()), m["patient_overlap"]
+def _disjoint(m: Manifest) -> None:
+    assert m.patient_overlap and all(v == 0 for v in m.patient_overlap.values()), m.patient_overlap
 
 
 LAYOUTS = [
@@ -80,20 +80,20 @@ LAYOUTS = [
 def test_every_layout_version_packs_and_streams(dataset, version, n, extra, tmp_path):
     src = synth(dataset, tmp_path / "src", n=n, size=48, seed=1, version=version, **extra)
     m = _pack(dataset, src, tmp_path / "shards")
-    total = sum(s["count"] for s in m["splits"].values())
-    assert total == n and m["source_report"].get("version", version).startswith(version)
-    assert m["source_report"].get("missing_image", 0) == 0
+    total = sum(s.count for s in m.splits.values())
+    assert total == n and m.source_report.get("version", version).startswith(version)
+    assert m.source_report.get("missing_image", 0) == 0
     _disjoint(m)
-    assert verify(tmp_path / "shards")["train"]["count"] == m["splits"]["train"]["count"]
+    assert verify(tmp_path / "shards")["train"]["count"] == m.splits["train"].count
     batch = _stream_one(tmp_path / "shards", m)
     views = {"odir": 2}.get(dataset, 1)
-    classes = len(m["task"]["classes"])
+    classes = len(m.task["classes"])
     assert batch["image"].shape == ((4, 2, 3, 32, 32) if views == 2 else (4, 3, 32, 32))
-    assert batch["target"].shape == ((4, classes) if m["task"]["type"] == "multilabel" else (4,))
+    assert batch["target"].shape == ((4, classes) if m.task["type"] == "multilabel" else (4,))
     if dataset in ("kermany", "octmnist", "rfmid"):
-        assert {"train", "test"} <= set(m["splits"])  # official test split kept
+        assert {"train", "test"} <= set(m.splits)  # official test split kept
     if dataset == "rfmid":
-        assert classes == 29 and m["source_report"]["csv_columns"] == extra["columns"]
+        assert classes == 29 and m.source_report["csv_columns"] == extra["columns"]
 
 
 def test_kermany_groups_patients_by_the_integer_across_classes(tmp_path):
@@ -102,9 +102,9 @@ def test_kermany_groups_patients_by_the_integer_across_classes(tmp_path):
     recs = _records(tmp_path / "shards")
     where: dict[str, set] = {}
     classes: dict[str, set] = {}
-    for split in m["splits"]:
-        for shard in m["splits"][split]["shards"]:
-            with tarfile.open(tmp_path / "shards" / shard["name"]) as tf:
+    for split in m.splits:
+        for shard in m.splits[split].shards:
+            with tarfile.open(tmp_path / "shards" / shard.name) as tf:
                 for name in tf.getnames():
                     if name.endswith(".json"):
                         rec = recs[name[: -len(".json")]]
@@ -113,8 +113,8 @@ def test_kermany_groups_patients_by_the_integer_across_classes(tmp_path):
     assert any(len(c) > 1 for c in classes.values())  # an id under two class folders, as in the real set
     # packer-made splits (train/val) never share a patient; an official test split may, and is reported
     assert all(len(s - {"test"}) == 1 for s in where.values() if s - {"test"})
-    assert "test&train" in m["patient_overlap"]
-    assert m["source_report"]["version"] == "mendeley-v2" and "val" in m["splits"]
+    assert "test&train" in m.patient_overlap
+    assert m.source_report["version"] == "mendeley-v2" and "val" in m.splits
 
 
 def test_odir_cataract_in_one_eye_is_a_patient_level_label(tmp_path):
@@ -161,8 +161,8 @@ def test_rfmid_47_columns_derive_other_from_the_rare_diseases(tmp_path):
     ]
 
 
-def _strip_paths(m: dict) -> dict:
-    m = json.loads(json.dumps(m))
+def _strip_paths(m: Manifest) -> dict:
+    m = json.loads(json.dumps(m.to_dict()))
     m["options"]["source"].pop("src", None)
     m["options"]["source"].pop("oct_src", None)
     return m
@@ -185,8 +185,8 @@ def test_fusion_pairs_are_virtual_class_aligned_and_patient_split(tmp_path):
     oct_ = synth("kermany", tmp_path / "oct", n=40, size=48, seed=7, version="kaggle")
     source = build_source("fusion", src=fundus, oct_src=oct_, seed=0)
     m = pack(source, tmp_path / "shards", OPTS, workers=1, progress=False)
-    assert m["task"] == {"type": "binary", "classes": ["normal", "disease"]}
-    assert "virtual pairs" in m["source_report"]["caveat"] and m["views"] == ["fundus", "oct"]
+    assert m.task == {"type": "binary", "classes": ["normal", "disease"]}
+    assert "virtual pairs" in m.source_report["caveat"] and m.views == ("fundus", "oct")
     _disjoint(m)
     recs = _records(tmp_path / "shards").values()
     assert all(r["meta"]["virtual_pair"] for r in recs)
@@ -216,7 +216,7 @@ def test_cli_synth_archive_then_pack(tmp_path):
     )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sum(s["count"] for s in summary.values()) == 12
-    assert load_manifest(tmp_path / "shards")["source_report"]["version"] == "kaggle"
+    assert load_manifest(tmp_path / "shards").source_report["version"] == "kaggle"
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -252,10 +252,10 @@ def test_corrupt_and_truncated_images_are_skipped_and_listed(tmp_path):
         workers=1,
         progress=False,
     )
-    skipped = [s for sp in m["splits"].values() for s in sp["skipped"]]
+    skipped = [s for sp in m.splits.values() for s in sp.skipped]
     assert sorted(s["key"] for s in skipped) == sorted(f"aptos/{p.stem}" for p in images[:2])
     assert all("cannot be decoded" in s["reason"] for s in skipped)
-    assert sum(sp["count"] for sp in m["splits"].values()) == 18
+    assert sum(sp.count for sp in m.splits.values()) == 18
 
 
 def test_rows_without_images_and_images_without_rows_are_counted(tmp_path):
@@ -264,7 +264,7 @@ def test_rows_without_images_and_images_without_rows_are_counted(tmp_path):
     (folder / "3.png").unlink()
     (folder / "999.png").write_bytes((folder / "4.png").read_bytes())
     m = _pack("rfmid", src, tmp_path / "shards")
-    rep = m["source_report"]
+    rep = m.source_report
     assert rep["missing_image"] == 1 and rep["missing_image_examples"] == ["Training/3.png"]
     assert rep["unlabeled_image"] == 1 and rep["unlabeled_image_examples"] == ["Training/999.png"]
 

@@ -180,12 +180,15 @@ def test_focal_losses_match_their_formulas():
 
 
 def test_hybrid_loss_is_half_weighted_bce_half_focal():
+    from retina_dist.data.manifest import Manifest
     from retina_dist.tasks import build_task
 
-    manifest = {
-        "task": {"type": "multilabel", "classes": ["a", "b"]},
-        "splits": {"train": {"count": 10, "histogram": {"a": 2, "b": 5}}},
-    }
+    manifest = Manifest.from_dict(
+        {
+            "task": {"type": "multilabel", "classes": ["a", "b"]},
+            "splits": {"train": {"count": 10, "histogram": {"a": 2, "b": 5}, "shards": []}},
+        }
+    )
     cfg = load_config("odir_dual_convnext_s384").optim
     task = build_task(manifest, cfg)
     assert task.pos_weight.tolist() == pytest.approx([4.0, 1.0])

@@ -14,54 +14,52 @@ from retina_dist.data.sources import build_source
 
 def test_shards_are_real_tars_matching_the_manifest(shards):
     m = load_manifest(shards)
-    assert m["dataset"] == "synthetic" and m["task"]["type"] == "multiclass"
-    assert sum(s["count"] for s in m["splits"].values()) == 300
-    for _split, info in m["splits"].items():
-        assert sum(info["histogram"].values()) == info["count"]
-        for sh in info["shards"]:
-            path = shards / sh["name"]
-            assert hashlib.sha256(path.read_bytes()).hexdigest() == sh["sha256"]
+    assert m.dataset == "synthetic" and m.task["type"] == "multiclass"
+    assert sum(s.count for s in m.splits.values()) == 300
+    for _split, info in m.splits.items():
+        assert sum(info.histogram.values()) == info.count
+        for sh in info.shards:
+            path = shards / sh.name
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == sh.sha256
             with tarfile.open(path) as tar:
                 names = tar.getnames()
             keys = {n.split(".", 1)[0] for n in names}
-            assert len(keys) == sh["count"]
+            assert len(keys) == sh.count
             assert all(n.endswith((".img.jpg", ".mask.png", ".json")) for n in names)
         # webdataset reads the same samples back
         ds = wds.WebDataset(
-            [str(shards / s["name"]) for s in info["shards"]],
+            [str(shards / s.name) for s in info.shards],
             shardshuffle=False,
             nodesplitter=wds.split_by_node,
         )
         samples = list(ds)
-        assert len(samples) == info["count"]
+        assert len(samples) == info.count
         assert {"img.jpg", "mask.png", "json"} <= set(samples[0])
-    assert verify(shards) == {
-        s: {"count": v["count"], "shards": len(v["shards"])} for s, v in m["splits"].items()
-    }
+    assert verify(shards) == {s: {"count": v.count, "shards": len(v.shards)} for s, v in m.splits.items()}
 
 
 def test_split_is_by_patient(shards):
     m = load_manifest(shards)
     patients = {}
-    for split, info in m["splits"].items():
+    for split, info in m.splits.items():
         seen = set()
-        for sh in info["shards"]:
+        for sh in info.shards:
             for s in wds.WebDataset(
-                str(shards / sh["name"]), shardshuffle=False, nodesplitter=wds.split_by_node
+                str(shards / sh.name), shardshuffle=False, nodesplitter=wds.split_by_node
             ):
                 seen.add(json.loads(s["json"])["patient"])
         patients[split] = seen
-        assert len(seen) == info["patients"]
+        assert len(seen) == info.patients
     assert not patients["train"] & patients["val"]
-    assert m["splits"]["val"]["count"] > 0.08 * 300
+    assert m.splits["val"].count > 0.08 * 300
 
 
 def test_rerun_reuses_verified_shards_and_rebuilds_tampered_ones(tmp_path):
     src = build_source("synthetic", n=80, image_size=32)
     opts = PackOptions(shard_size=20)
     m1 = pack(src, tmp_path, opts, workers=1, progress=False)
-    first = tmp_path / m1["splits"]["train"]["shards"][0]["name"]
-    second = tmp_path / m1["splits"]["train"]["shards"][1]["name"]
+    first = tmp_path / m1.splits["train"].shards[0].name
+    second = tmp_path / m1.splits["train"].shards[1].name
     mtime = second.stat().st_mtime_ns
     first.write_bytes(b"garbage")  # damaged since the last run
     with pytest.raises(DataError, match=f"{first.name}: sha256"):
@@ -97,11 +95,11 @@ class _FlakySource:
 def test_corrupt_image_is_skipped_and_counted(tmp_path):
     opts = PackOptions(shard_size=3, min_shards=1, max_corrupt_frac=0.2)
     m = pack(_FlakySource(), tmp_path, opts, workers=1, progress=False)
-    train = m["splits"]["train"]
-    assert train["count"] == 5
-    assert len(train["skipped"]) == 1
-    assert train["skipped"][0]["key"] == "flaky/1"
-    assert "cannot be decoded" in train["skipped"][0]["reason"]
+    train = m.splits["train"]
+    assert train.count == 5
+    assert len(train.skipped) == 1
+    assert train.skipped[0]["key"] == "flaky/1"
+    assert "cannot be decoded" in train.skipped[0]["reason"]
 
 
 def test_max_side_shrinks_at_pack_time(tmp_path):
@@ -114,7 +112,7 @@ def test_max_side_shrinks_at_pack_time(tmp_path):
         workers=1,
         progress=False,
     )
-    name = m["splits"]["train"]["shards"][0]["name"]
+    name = m.splits["train"].shards[0].name
     sample = next(
         iter(wds.WebDataset(str(tmp_path / name), shardshuffle=False, nodesplitter=wds.split_by_node))
     )

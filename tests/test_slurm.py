@@ -20,7 +20,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from retina_dist.data.manifest import load_manifest
-from retina_dist.engine.checkpoint import Checkpointer, load
+from retina_dist.run.checkpoints import Checkpointer, load
 from tests.conftest import REPO, TINY
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
@@ -105,7 +105,7 @@ def test_sbatch_script_trains_two_tasks_and_writes_the_run_folder(uninterrupted,
     train_log = (run_dir / "train.log").read_text()
     assert "2 ranks (slurm)" in train_log
     metrics = json.loads((run_dir / "metrics.json").read_text())["val"]
-    assert metrics["n"] == load_manifest(shards)["splits"]["val"]["count"]
+    assert metrics["n"] == load_manifest(shards).splits["val"].count
     assert metrics["step"] == 32
     assert (run_dir / "figures" / "val_confusion.png").exists()
     assert not (run_dir / "PREEMPTED").exists()
@@ -204,6 +204,6 @@ def test_submitit_launcher_runs_the_smoke_job_and_returns_its_metrics(slurm, sha
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])["val"]
-    assert metrics["n"] == load_manifest(shards)["splits"]["val"]["count"]
+    assert metrics["n"] == load_manifest(shards).splits["val"].count
     assert metrics == json.loads((run_dir / "metrics.json").read_text())["val"]
     assert "2 ranks (slurm)" in (run_dir / "train.log").read_text()

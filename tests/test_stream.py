@@ -1,11 +1,12 @@
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
 
-from retina_dist.data.manifest import DataError, load_manifest, split_shards
+from retina_dist.data.manifest import DataError, ShardInfo, load_manifest, split_shards
 from retina_dist.data.pack import PackOptions, pack
 from retina_dist.data.sources import build_source
 from retina_dist.data.stream import StreamSpec, batches_per_rank, make_loader
@@ -70,13 +71,11 @@ def test_missing_shard_and_empty_split_are_named(odd_split, tmp_path):
     m = load_manifest(out)
     with pytest.raises(DataError, match="no split 'train'"):
         split_shards(out, m, "train")
-    broken = {
-        **m,
-        "splits": {"val": {**m["splits"]["val"], "shards": [{"name": "val-999999.tar", "count": 1}]}},
-    }
+    val = m.splits["val"]
+    broken = replace(m, splits={"val": replace(val, shards=[ShardInfo("val-999999.tar", 1, "")])})
     with pytest.raises(DataError, match="val-999999.tar: shard listed in the manifest is missing"):
         split_shards(out, broken, "val")
-    empty = {**m, "splits": {"val": {**m["splits"]["val"], "count": 0, "shards": []}}}
+    empty = replace(m, splits={"val": replace(val, count=0, shards=[])})
     with pytest.raises(DataError, match="split 'val' is empty"):
         split_shards(out, empty, "val")
     with pytest.raises(DataError, match="no manifest"):

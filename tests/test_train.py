@@ -15,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from retina_dist.data.manifest import load_manifest
-from retina_dist.engine.checkpoint import Checkpointer, load
+from retina_dist.run.checkpoints import Checkpointer, load
 from tests.conftest import TINY, run_cli
 
 
@@ -52,7 +52,7 @@ def test_two_process_training_learns_and_writes_the_run_folder(trained, shards):
     assert sum(loss[-3:]) / 3 < 0.8 * sum(loss[:3]) / 3  # the loss falls
 
     metrics = json.loads((run_dir / "metrics.json").read_text())["val"]
-    n_val = load_manifest(shards)["splits"]["val"]["count"]
+    n_val = load_manifest(shards).splits["val"].count
     assert metrics["n"] == n_val
     assert metrics["accuracy"] > 0.35  # 5 balanced classes: chance is 0.2
     with open(run_dir / "predictions" / "val.csv") as fh:
@@ -135,7 +135,7 @@ def test_stop_and_resume_equals_uninterrupted_run(shards, tmp_path):
 
 _SAVER = """
 import sys, torch
-from retina_dist.engine.checkpoint import Checkpointer
+from retina_dist.run.checkpoints import Checkpointer
 ck = Checkpointer(sys.argv[1])
 ck.save({"w": torch.ones(4), "step": 1}, step=1)
 print("first saved", flush=True)

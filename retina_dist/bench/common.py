@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 
-def rate(items: Iterator[Any], count: Any, n: int, warmup: int = 1) -> float:
+def rate(items: Iterable[Any], count: Any, n: int, warmup: int = 1) -> float:
     """Items per second over ``n`` items after ``warmup`` (worker start-up is not what we measure)."""
     it = iter(items)
     for _ in range(warmup):

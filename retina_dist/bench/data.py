@@ -178,7 +178,7 @@ def run(
         "max_side": max_side,
         "device": device.type,
         "device_augment_ms_per_img": aug_ms,
-        "shard_kib_per_sample": shard_bytes / m["splits"]["train"]["count"] / 1024,
+        "shard_kib_per_sample": shard_bytes / m.splits["train"].count / 1024,
         "source_kib_per_sample": sum(p.stat().st_size for p in paths) / len(paths) / 1024,
         "rows": results,
     }

@@ -1,6 +1,6 @@
-"""bench step: the toolkit's train step (uint8 -> device normalisation, autocast, loss from the task,
-strategy backward, clip + non-finite check + step + schedule) vs a bare model/loss/backward/step loop
-on the same model, batch and device; and 2 gloo ranks vs 1."""
+"""bench step: the toolkit's train step (``engine.step.TrainStep``: uint8 -> device normalisation,
+autocast, loss from the task, strategy backward, clip + on-device non-finite record + step + schedule)
+vs a bare model/loss/backward/step loop on the same model, batch and device; and 2 gloo ranks vs 1."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from retina_dist.bench.common import table
 from retina_dist.config import Config
 from retina_dist.dist import DistEnv
-from retina_dist.engine.batch import Inputs, autocast
+from retina_dist.engine.batch import Inputs
+from retina_dist.engine.step import TrainStep
 from retina_dist.engine.strategy import DDPStrategy
 from retina_dist.engine.train import build_optimizer, warmup_cosine
 from retina_dist.models.backbone import create
@@ -95,25 +96,22 @@ def toolkit(
     task = Task("multiclass", tuple("abcde"))
     strategy.model.train()
     batch_dict = {"image": x, "target": y}
+    train_step = TrainStep(strategy, task.loss, 1, amp, 1.0)
 
     def step() -> None:
-        xb, yb = inputs(batch_dict)
-        with strategy.accumulating(last=True), autocast(device, amp):
-            loss = task.loss(strategy.model(xb), yb)
-        strategy.backward(loss)
-        strategy.clip_and_step(1.0)
+        train_step([inputs(batch_dict)])
 
     return batch * steps / _timed(step, steps)
 
 
-def _rank(rank: int, world: int, port: int, args: tuple, out: Any) -> None:
+def _rank(rank: int, world: int, port: int, args: tuple[Any, ...], out: Any) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         env = DistEnv(rank=rank, world_size=world, launcher="bench")
-        rate = toolkit(*args, env=env)
+        rate = toolkit(*args, env=env)  # type: ignore[misc]  # args: toolkit's leading parameters
         out.put((rank, rate))
     finally:
         dist.destroy_process_group()
@@ -197,7 +195,7 @@ def run(
     top = peak_tflops(device, peak)
     if top:
         res["peak_tflop_s"] = top
-        res["model_flop_utilisation"] = res["achieved_tflop_s"] / top
+        res["model_flop_utilisation"] = t * 3 * fwd / 1e12 / top
     if device.type == "cuda":
         res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(

@@ -1,6 +1,7 @@
 """The distributed CAM pass: every rank explains the selected samples of its own share of the
 exact-once evaluation stream; rank 0 gathers, checks each selected sample was rendered exactly once,
-and writes ``cam/<split>/index.{csv,html}``, the localisation scores (metrics.json) and TensorBoard.
+and writes ``cam/<split>/index.{csv,html}``, the localisation scores (``cam/<split>/summary.json``) and
+TensorBoard (appended to).
 
 Single-image models use pytorch-grad-cam (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, EigenCAM) on
 the family's default layer (ViT through a token -> grid reshape). The dual-eye and fusion models run
@@ -12,7 +13,6 @@ encoder per eye / modality, and the dual-eye model also shows its cross-attentio
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import shutil
 import time
@@ -23,19 +23,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retina_dist import dist
+from retina_dist import atomic, dist
 from retina_dist.cam import localisation, render
 from retina_dist.cam.targets import target_layer, vit_reshape
-from retina_dist.config import Config, ConfigError
-from retina_dist.data.manifest import load_manifest, split_shards, write_json_atomic
-from retina_dist.data.stream import StreamSpec, make_loader
+from retina_dist.config import ConfigError
+from retina_dist.data.stream import make_loader
 from retina_dist.engine.batch import Inputs
 from retina_dist.engine.evaluate import check_exact_once
-from retina_dist.models import DualEyeNet, LateFusionNet, build_model
-from retina_dist.models.backbone import read_weights
-from retina_dist.tasks import build_task
+from retina_dist.engine.specs import eval_spec
+from retina_dist.models import DualEyeNet, LateFusionNet
+from retina_dist.run import LoadedRun, RunDir, load_run
 
 log = logging.getLogger(__name__)
+SUMMARY = "summary.json"  # cam/<split>/summary.json: the pass's method, counts and localisation scores
 
 
 def cam_methods() -> dict[str, Any]:
@@ -128,40 +128,34 @@ def _norm01(a: np.ndarray) -> np.ndarray:
     return a / a.max() if a.max() > 0 else a
 
 
-def run_cam(cfg: Config, split: str, method: str, limit: int, how: str, layer_name: str = "") -> dict | None:
-    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+def run_cam(
+    run_dir: str | Path, split: str, method: str, limit: int, how: str, layer_name: str = ""
+) -> dict | None:
+    """The CAM pass over a trained run's ``split``: writes only under ``cam/<split>/`` and appends
+    images and scalars to TensorBoard; the training's files are never touched."""
+    loaded = load_run(run_dir)
+    env = dist.init(loaded.cfg.dist.backend, loaded.cfg.dist.timeout_s)
     try:
-        return _run(cfg, env, split, method, limit, how, layer_name)
+        return _run(loaded, env, split, method, limit, how, layer_name)
     finally:
         dist.destroy()
 
 
-def _run(cfg: Config, env: dist.DistEnv, split: str, method: str, limit: int, how: str, layer_name: str):
+def _run(
+    loaded: LoadedRun, env: dist.DistEnv, split: str, method: str, limit: int, how: str, layer_name: str
+):
     methods = cam_methods()
     if method not in methods:
         raise ConfigError(f"cam method {method!r}: expected one of {', '.join(methods)}")
-    run_dir, d = Path(cfg.run_dir), cfg.data
-    manifest = load_manifest(d.shards)
-    task = build_task(manifest)
-    views = tuple(manifest.get("views", ["img"]))
+    run, cfg, task, views = loaded.run, loaded.cfg, loaded.task, loaded.views
+    d = cfg.data
     device = dist.device_for(env)
-    model = build_model(cfg.model, task.num_classes, d.in_chans)
-    model.load_state_dict(read_weights(run_dir))
-    model.to(device).eval()
-    preds = read_predictions(run_dir / "predictions" / f"{split}.csv", task.classes, task.multilabel)
+    model = loaded.model.to(device).eval()
+    preds = read_predictions(run.training.predictions(split), task.classes, task.multilabel)
     chosen = set(select(preds, how, limit, task.multilabel))
-    spec = StreamSpec(
-        tuple(split_shards(d.shards, manifest, split)),
-        16,
-        d.image_size,
-        d.in_chans,
-        seed=cfg.train.seed,
-        multilabel=task.multilabel,
-        views=views,
-        with_masks=len(views) == 1,
-    )
+    spec = eval_spec(cfg, loaded.manifest, task, split, batch_size=16, with_masks=len(views) == 1)
     inputs = Inputs(d.mean, d.std, d.in_chans, device)
-    out_dir = run_dir / "cam" / split
+    out_dir = run.cam(split)
     if env.is_main and out_dir.exists():  # a fresh set: no overlay from an earlier selection lingers
         shutil.rmtree(out_dir)
     dist.barrier()
@@ -218,7 +212,7 @@ def _run(cfg: Config, env: dist.DistEnv, split: str, method: str, limit: int, ho
     seen_files = [r["file"] for r in rows]
     if len(seen_files) != len(set(seen_files)):
         raise RuntimeError("a CAM overlay was rendered twice")
-    return _write(rows, task.classes, split, method, run_dir, out_dir, wall, env.world_size)
+    return _write(rows, task.classes, split, method, run, out_dir, wall, env.world_size)
 
 
 def _multi_view(model, cams, x, raw, key, true, pred, out_dir, views) -> dict:
@@ -247,7 +241,7 @@ def _multi_view(model, cams, x, raw, key, true, pred, out_dir, views) -> dict:
     return row
 
 
-def _write(rows, classes, split, method, run_dir, out_dir, wall, world) -> dict:
+def _write(rows, classes, split, method, run: RunDir, out_dir, wall, world) -> dict:
     rows.sort(key=lambda r: r["file"])
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("key", "file", "true", "pred"), k))
     with open(out_dir / "index.csv", "w", newline="") as fh:
@@ -264,11 +258,9 @@ def _write(rows, classes, split, method, run_dir, out_dir, wall, world) -> dict:
         "images_per_s": len(rows) / wall if wall > 0 else None,
         "localisation": localisation.summarise(scored, classes) if scored else None,
     }
-    path = run_dir / "metrics.json"
-    allm = json.loads(path.read_text()) if path.exists() else {}
-    allm.setdefault(split, {})["cam"] = summary
-    write_json_atomic(path, allm)
-    _tensorboard(rows, summary, split, run_dir, out_dir, allm.get(split, {}).get("step", 0))
+    atomic.write_json(out_dir / SUMMARY, summary)
+    step = run.read_metrics().get(split, {}).get("step", 0)
+    _tensorboard(rows, summary, split, run.tb, out_dir, step)
     log.info(
         "CAM %s on %s: %d overlays in %s (%.1f img/s over %d ranks)%s",
         method,
@@ -286,7 +278,7 @@ def _write(rows, classes, split, method, run_dir, out_dir, wall, world) -> dict:
     return summary
 
 
-def _tensorboard(rows, summary, split, run_dir, out_dir, step) -> None:
+def _tensorboard(rows, summary, split, tb_dir: Path, out_dir, step) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     from retina_dist.data.codec import decode
@@ -300,7 +292,7 @@ def _tensorboard(rows, summary, split, run_dir, out_dir, step) -> None:
         np.pad(i, ((0, h - i.shape[0]), (0, w - i.shape[1]), (0, 0)), constant_values=255) for i in imgs
     ]
     grid = np.concatenate(padded, axis=0)  # one column: overlays are already two panels wide
-    with SummaryWriter(str(run_dir / "tb")) as tb:
+    with SummaryWriter(str(tb_dir)) as tb:  # appends: no purge, the training's events stay
         tb.add_image(f"{split}/cam_{summary['method']}", grid, step, dataformats="HWC")
         loc = summary["localisation"] or {}
         for k in ("cam_pointing", "cam_energy", "cam_iou", "centre_pointing", "centre_energy"):

@@ -7,6 +7,8 @@ stream well below bare decode whatever else is tuned."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +39,7 @@ def warp_and_colour(
     return x.round_().clamp_(0, 255)
 
 
-def apply(images: torch.Tensor, plan: dict[str, torch.Tensor | int]) -> torch.Tensor:
+def apply(images: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor:
     """A loader batch's canvas (B x C x Hc x Wc, or B x V x C x Hc x Wc) -> augmented float pixels of
     the same rank at the training size."""
     multi = images.ndim == 5

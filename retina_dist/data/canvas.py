@@ -23,6 +23,7 @@ class Canvas:
         # is one more in flight than the pool keeps.
         self.size = size
         self.tensor: torch.Tensor | None = None
+        self.array: np.ndarray = np.empty((0,), np.uint8)  # the tensor's numpy view, once taken
         self.lease: Lease | None = None
         self.frames: dict[tuple[int, int], tuple[int, int]] = {}  # (sample, view) -> (h, w) placed
 
@@ -51,6 +52,7 @@ class Canvas:
             if i < n:
                 self.array[i, v, h:] = 0
                 self.array[i, v, :h, w:] = 0
+        assert self.tensor is not None, "finish() before any frame"
         return self.tensor[:n]
 
     def _fit(self, h: int, w: int) -> None:

@@ -17,13 +17,14 @@ import tarfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from tqdm import tqdm
 
+from retina_dist import atomic
 from retina_dist.data.codec import CorruptImage, decode, encode, fit_max_side
-from retina_dist.data.manifest import MANIFEST, DataError, write_json_atomic
+from retina_dist.data.manifest import MANIFEST, DataError, Manifest
 from retina_dist.data.record import Item, Source
 
 STATE = ".pack-state.json"
@@ -108,28 +109,29 @@ def _prepare_images(images: dict[str, bytes], key: str, opts: PackOptions) -> di
 def write_shard(job: tuple[Source, str, str, list[Item], PackOptions, str]) -> ShardResult:
     source, out_dir, name, items, opts, split = job
     path = Path(out_dir) / name
-    tmp = path.with_suffix(".tar.tmp")
     hist: Counter[str] = Counter()
     skipped: list[dict[str, str]] = []
     count = 0
-    with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for item in items:
-            try:
-                rec = source.load(item, split)
-                images = _prepare_images(rec.images, rec.key, opts)
-            except (CorruptImage, OSError) as err:
-                skipped.append({"key": item.key, "reason": str(err)})
-                continue
-            meta = {"key": rec.key, "patient": rec.patient, "label": rec.label, "meta": rec.meta}
-            for ext, data in images.items():
-                _tar_add(tar, f"{rec.key}.{ext}", data)
-            _tar_add(tar, f"{rec.key}.json", json.dumps(meta).encode())
-            hist[json.dumps(rec.label)] += 1
-            count += 1
-    with open(tmp, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    os.replace(tmp, path)
-    return ShardResult(name, count, digest, dict(hist), skipped)
+
+    def fill(fh: IO[bytes]) -> None:
+        nonlocal count
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for item in items:
+                try:
+                    rec = source.load(item, split)
+                    images = _prepare_images(rec.images, rec.key, opts)
+                except (CorruptImage, OSError) as err:
+                    skipped.append({"key": item.key, "reason": str(err)})
+                    continue
+                meta = {"key": rec.key, "patient": rec.patient, "label": rec.label, "meta": rec.meta}
+                for ext, data in images.items():
+                    _tar_add(tar, f"{rec.key}.{ext}", data)
+                _tar_add(tar, f"{rec.key}.json", json.dumps(meta).encode())
+                hist[json.dumps(rec.label)] += 1
+                count += 1
+
+    atomic.write_with(path, fill)
+    return ShardResult(name, count, sha256_file(path), dict(hist), skipped)
 
 
 def sha256_file(path: Path) -> str:
@@ -143,7 +145,7 @@ def pack(
     opts: PackOptions | None = None,
     workers: int | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> Manifest:
     """Pack ``source`` into ``out_dir``; returns the manifest (also written as manifest.json)."""
     opts = opts or PackOptions()
     out = Path(out_dir)
@@ -180,12 +182,12 @@ def pack(
     with ctx.Pool(n_proc) if n_proc > 1 else _InlinePool() as pool:
         for res in pool.imap_unordered(write_shard, todo):
             done[res.name] = asdict(res)
-            write_json_atomic(state_path, {"options": options, "shards": done})
+            atomic.write_json(state_path, {"options": options, "shards": done})
             bar.update(res.count + len(res.skipped))
     bar.close()
 
     manifest = _manifest(source, jobs, done, splits, options)
-    write_json_atomic(out / MANIFEST, manifest)
+    atomic.write_json(out / MANIFEST, manifest)
     skipped = sum(len(s["skipped"]) for s in manifest["splits"].values())
     if skipped > opts.max_corrupt_frac * len(items):
         raise DataError(
@@ -193,7 +195,7 @@ def pack(
             f"max_corrupt_frac={opts.max_corrupt_frac}; e.g. "
             + "; ".join(s["reason"] for sp in manifest["splits"].values() for s in sp["skipped"][:3])
         )
-    return manifest
+    return Manifest.from_dict(manifest)
 
 
 def _describe(source: Source) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def view(image: np.ndarray, in_chans: int, image_size: int) -> np.ndarray:
 def view_unchanged(shape: tuple[int, ...], in_chans: int, image_size: int) -> bool:
     """Whether ``view`` returns a decoded image of ``shape`` as it is: already the model's
     channels, and too small to prescale (it can then be decoded straight into its batch slot)."""
-    return len(shape) == (3 if in_chans == 3 else 2) and prescale_factor(*shape[:2], image_size) < 2
+    return len(shape) == (3 if in_chans == 3 else 2) and prescale_factor(shape[0], shape[1], image_size) < 2
 
 
 def as_packed(image: np.ndarray, max_side: int) -> np.ndarray:

@@ -220,6 +220,7 @@ class ShardStream(IterableDataset):
         on the device the views land in ``batch``'s canvas, as its next sample."""
         key = raw["__key__"]
         canvas = batch.canvas if batch is not None else None
+        slot = batch.n if batch is not None else 0
         try:
             meta = json.loads(raw["json"])
             images = []
@@ -227,7 +228,7 @@ class ShardStream(IterableDataset):
                 name = next(k for k in raw if k.startswith(f"{view}."))
                 label = f"{raw['__url__']}:{key}.{name}"
                 if canvas is not None:
-                    images.append(self._onto_canvas(canvas, batch.n, v, raw[name], label))
+                    images.append(self._onto_canvas(canvas, slot, v, raw[name], label))
                     continue
                 image = decode(raw[name], label, bgr=self.bgr, pad=self.pad)
                 images.append(prepare_view(image, self.spec.in_chans, self.spec.image_size))
@@ -238,7 +239,7 @@ class ShardStream(IterableDataset):
             )
         except (CorruptImage, StopIteration, KeyError, ValueError) as err:
             if canvas is not None:
-                canvas.forget(batch.n)
+                canvas.forget(slot)
             self.corrupt += 1
             log.warning("skipping sample %s (%s); %d skipped so far in this worker", key, err, self.corrupt)
             return None
@@ -262,17 +263,22 @@ class ShardStream(IterableDataset):
         meta, images, mask = sample
         i = batch.n
         if self.on_device:
+            assert batch.geometry is not None and batch.colour is not None
+            assert self.augment is not None and draws is not None
             for v, image in enumerate(images):
                 u, rgb = draws[i, v], image.ndim == 3
-                batch.geometry[i, v] = self.augment.geometry(*image.shape[:2], u)
+                batch.geometry[i, v] = self.augment.geometry(image.shape[0], image.shape[1], u)
                 batch.colour[i, v] = self.augment.colour_map(u, 3 if rgb else 1, bgr=self.bgr and rgb)
             batch.add(meta, None)
             return
+        assert batch.images is not None
         for v, image in enumerate(images):
             slot = batch.images[i, v]
             if draws is not None:
+                assert self.augment is not None
                 _, mask_out = self.augment(image, draws[i, v], mask, dst=slot, bgr=self.bgr)
             else:
+                assert self.transform is not None
                 out = self.transform(image=image, **({} if mask is None else {"mask": mask}))
                 slot[...] = out["image"]
                 mask_out = out.get("mask")
@@ -303,6 +309,7 @@ class ShardStream(IterableDataset):
             images, batch.lease = batch.canvas.finish(batch.n), batch.canvas.lease
             self._canvas_size = batch.canvas.size
         else:
+            assert batch.tensor is not None
             images = batch.tensor[: batch.n]
         # B x V x H x W x C -> B x V x C x H x W as a view: channels-last strides, no copy here; the
         # device normalisation makes the layout the model asks for.
@@ -316,9 +323,9 @@ class ShardStream(IterableDataset):
             "target": torch.tensor([m["label"] for m in batch.meta], dtype=dtype),
             "lease": batch.lease,  # buffers.release(batch) once the pixels are on the device
         }
-        if self.spec.with_masks:
+        if batch.masks is not None:
             out["mask"] = torch.from_numpy(np.stack(batch.masks))
-        if self.on_device:
+        if batch.geometry is not None and batch.colour is not None:
             out["augment"] = {
                 "geometry": torch.from_numpy(batch.geometry[: batch.n]),
                 "colour": torch.from_numpy(batch.colour[: batch.n]),
@@ -344,7 +351,7 @@ class _Batch:
         self.images = tensor.numpy() if tensor is not None else None
         self.geometry, self.colour, self.canvas = geometry, colour, canvas
         self.meta: list[dict] = []
-        self.masks: list[np.ndarray] | None = [] if with_masks else None
+        self.masks: list[Any] | None = [] if with_masks else None
 
     @property
     def n(self) -> int:

@@ -138,7 +138,7 @@ def octmnist(out: Path, n: int, size: int, seed: int, version: str) -> None:
         arrays[f"{split}_images"] = np.stack(imgs).astype(np.uint8)
         arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / ("octmnist.npz" if side == 28 else f"octmnist_{side}.npz"), **arrays)
+    np.savez_compressed(out / ("octmnist.npz" if side == 28 else f"octmnist_{side}.npz"), **arrays)  # type: ignore[arg-type]
 
 
 # -- ODIR-5K ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO 0/1/2 behind the same Strategy interface as DDP. The only module importing deepspeed.
+"""DeepSpeed ZeRO 0/1/2 behind the same Strategy interface as DDP. The only module driving a DeepSpeed
+engine (run/checkpoints.py reads its checkpoint format).
 
 The DeepSpeed JSON is generated from the run config (never kept by hand beside it): micro-batch,
 accumulation and clipping come from ``train``/``optim``, ``train_batch_size`` is derived as
@@ -18,8 +19,8 @@ import torch
 from torch import nn
 
 from retina_dist.dist import DistEnv
-from retina_dist.engine.checkpoint import ResumeError
-from retina_dist.engine.strategy import NonFiniteError
+from retina_dist.engine.strategy import FiniteWatch
+from retina_dist.run.checkpoints import ResumeError
 
 META = "retina_meta.json"
 
@@ -63,6 +64,7 @@ class DeepSpeedStrategy:
         self.model = self.engine
         self.module: nn.Module = self.engine.module
         self.env = env
+        self.finite = FiniteWatch()
         self.input_dtype = torch.bfloat16 if amp == "bf16" else torch.float16 if amp == "fp16" else None
 
     @contextlib.contextmanager
@@ -88,9 +90,33 @@ class DeepSpeedStrategy:
         if norm is None:  # ZeRO stage 0 with a client optimizer does not report it
             return torch.tensor(float("nan"))
         norm = torch.tensor(float(norm))
-        if not torch.isfinite(norm) and self.input_dtype is not torch.float16:
-            raise NonFiniteError(f"gradient norm is {norm.item()}: the loss diverged (try a lower lr)")
+        if self.input_dtype is not torch.float16:  # fp16 overflow steps are skipped by its loss scaler
+            self.finite.record(norm)
         return norm
+
+    def check_finite(self) -> None:
+        self.finite.check()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's view: the full module, this rank's ZeRO partition of the optimizer (stages 1-2
+        partition it, so a state dict is per rank, as ``save`` writes it), the schedule."""
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` gave on the same rank of the same world size."""
+        self.module.load_state_dict(state["model"])
+        if self.config["zero_optimization"]["stage"] > 0:
+            # DeepSpeed reads entry [dp_rank] of a per-rank list; the fp32 master partition is the truth.
+            self.optimizer.load_state_dict(
+                [state["optimizer"]] * self.env.world_size, load_from_fp32_weights=True
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def save(self, folder: Path, name: str, extra: dict[str, Any]) -> Path:
         """Every rank writes its ZeRO partition into ``folder/name/``; returns that folder."""
@@ -109,10 +135,3 @@ class DeepSpeedStrategy:
             )
         _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         return client
-
-
-def consolidate(path: Path) -> dict[str, torch.Tensor]:
-    """A plain fp32 state dict from a ZeRO checkpoint folder (loadable by timm and ``retina-dist eval``)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)

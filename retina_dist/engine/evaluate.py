@@ -9,7 +9,6 @@ manifest count and fails loudly on a missing or duplicated sample.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from torch import nn
 
 from retina_dist import calibration, dist, figures, metrics
 from retina_dist.data.buffers import release
-from retina_dist.data.manifest import write_json_atomic
 from retina_dist.data.stream import StreamSpec, make_loader
 from retina_dist.engine.batch import Inputs, autocast
+from retina_dist.run.folder import Results, RunDir
 from retina_dist.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,55 @@ class Predictions:
     probs: np.ndarray
 
 
-@torch.no_grad()
+class Evaluator:
+    """Exact-once predictions over a split, on the unwrapped module: the Trainer's validation and the
+    ``eval``, ``ensemble``-style commands all run it."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        env: dist.DistEnv,
+        inputs: Inputs,
+        task: Task,
+        workers: int,
+        amp: str = "none",
+        tta: bool = False,
+    ) -> None:
+        self.module, self.env, self.inputs, self.task = module, env, inputs, task
+        self.workers, self.amp, self.tta = workers, amp, tta
+
+    @torch.no_grad()
+    def predict(self, spec: StreamSpec) -> Predictions | None:
+        """Predictions for the whole split on rank 0 (None elsewhere); ``tta`` averages the
+        probabilities of each image and its horizontal flip."""
+        module, task = self.module, self.task
+        was_training = module.training
+        module.eval()
+        keys: list[str] = []
+        targets, probs = [], []
+        for batch in make_loader(spec, self.env.rank, self.env.world_size, self.workers):
+            x, y = self.inputs(batch)
+            release(batch)
+            with autocast(self.inputs.device, self.amp):
+                p = task.probabilities(module(x))
+                if self.tta:
+                    p = (p + task.probabilities(module(x.flip(-1)))) / 2
+            keys += batch["key"]
+            targets.append(y.cpu())
+            probs.append(p.float().cpu())
+        module.train(was_training)
+        parts = dist.gather_objects((keys, _cat(targets), _cat(probs)))
+        if not self.env.is_main:
+            return None
+        all_keys = [k for p in parts for k in p[0]]
+        check_exact_once(all_keys, spec.count)
+        return Predictions(
+            all_keys,
+            torch.cat([p[1] for p in parts if len(p[1])]).numpy(),
+            torch.cat([p[2] for p in parts if len(p[2])]).numpy(),
+        )
+
+
 def predict(
     module: nn.Module,
     spec: StreamSpec,
@@ -53,34 +100,8 @@ def predict(
     amp: str = "none",
     tta: bool = False,
 ) -> Predictions | None:
-    """Predictions for the whole split on rank 0 (None elsewhere); ``tta`` averages the
-    probabilities of each image and its horizontal flip."""
-    was_training = module.training
-    module.eval()
-    keys: list[str] = []
-    targets, probs = [], []
-    for batch in make_loader(spec, env.rank, env.world_size, workers):
-        x, y = inputs(batch)
-        release(batch)
-        with autocast(inputs.device, amp):
-            p = task.probabilities(module(x))
-            if tta:
-                p = (p + task.probabilities(module(x.flip(-1)))) / 2
-        keys += batch["key"]
-        targets.append(y.cpu())
-        probs.append(p.float().cpu())
-    module.train(was_training)
-    local = (keys, _cat(targets), _cat(probs))
-    parts = dist.gather_objects(local)
-    if not env.is_main:
-        return None
-    all_keys = [k for p in parts for k in p[0]]
-    check_exact_once(all_keys, spec.count)
-    return Predictions(
-        all_keys,
-        torch.cat([p[1] for p in parts if len(p[1])]).numpy(),
-        torch.cat([p[2] for p in parts if len(p[2])]).numpy(),
-    )
+    """``Evaluator(...).predict(spec)`` in one call."""
+    return Evaluator(module, env, inputs, task, workers, amp, tta).predict(spec)
 
 
 def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -108,13 +129,13 @@ def write_predictions(preds: Predictions, task: Task, path: Path) -> None:
             w.writerow([preds.keys[i], *tcols, *[f"{p:.6f}" for p in preds.probs[i]]])
 
 
-def calibrate(preds: Predictions, task: Task, split: str, val_split: str, run_dir: Path) -> dict[str, Any]:
-    """Fit the temperature (and multi-label thresholds) on ``val_split``; apply them to other splits.
-    Returns the extra metrics; the fitted values live in ``run_dir/calibration.json``."""
-    path = run_dir / "calibration.json"
+def calibrate(preds: Predictions, task: Task, split: str, run: RunDir, fit: bool) -> dict[str, Any]:
+    """With ``fit`` (the training's validation split): fit the temperature (and multi-label
+    thresholds) on these predictions and store them in the run; otherwise apply the stored ones.
+    Returns the extra metrics (none when the run has no calibration)."""
     target = preds.target.astype(int)
-    if split == val_split:
-        fitted = {
+    if fit:
+        fitted: dict[str, Any] = {
             "split": split,
             "temperature": calibration.fit_temperature(preds.probs, target, task.multilabel),
         }
@@ -122,12 +143,12 @@ def calibrate(preds: Predictions, task: Task, split: str, val_split: str, run_di
             fitted["thresholds"] = dict(
                 zip(task.classes, calibration.tune_thresholds(target, preds.probs), strict=True)
             )
-        write_json_atomic(path, fitted)
-    elif path.exists():
-        fitted = json.loads(path.read_text())
+        run.write_calibration(fitted)
     else:
-        return {}
-    t = fitted["temperature"]
+        fitted = run.read_calibration()
+        if not fitted:
+            return {}
+    t = float(fitted["temperature"])
     scaled = calibration.apply_temperature(preds.probs, t, task.multilabel)
     if task.multilabel:
         conf, correct = scaled.ravel(), target.ravel().astype(float)
@@ -150,25 +171,25 @@ def report(
     preds: Predictions,
     task: Task,
     split: str,
-    run_dir: Path,
+    run: RunDir,
+    results: Results,
     monitor: Any,
     step: int,
-    val_split: str | None = None,
+    calibration_mode: str = "none",
 ) -> dict[str, Any]:
-    """Metrics, predictions CSV and figures for one split (rank 0). With ``val_split``, calibration
-    is fitted on it and applied to the other splits."""
+    """Metrics, predictions CSV and figures for one split (rank 0) into ``results``, scalars and
+    figures to ``monitor`` under ``results.tag(split)``. ``calibration_mode``: ``fit`` on this split,
+    ``apply`` the run's stored calibration, or ``none``."""
     target = preds.target.astype(int)
     m = task.metrics(target, preds.probs)
-    if val_split is not None:
-        m.update(calibrate(preds, task, split, val_split, run_dir))
-    write_predictions(preds, task, run_dir / "predictions" / f"{split}.csv")
-    path = run_dir / "metrics.json"
-    allm = json.loads(path.read_text()) if path.exists() else {}
-    allm[split] = {"step": step, **m}
-    write_json_atomic(path, allm)
-    monitor.scalars(split, m, step)
-    fig_dir = run_dir / "figures"
-    fig_dir.mkdir(exist_ok=True)
+    if calibration_mode != "none":
+        m.update(calibrate(preds, task, split, run, fit=calibration_mode == "fit"))
+    write_predictions(preds, task, results.predictions(split))
+    results.update_metrics(split, {"step": step, **m})
+    tag = results.tag(split)
+    monitor.scalars(tag, m, step)
+    fig_dir = results.figures
+    fig_dir.mkdir(parents=True, exist_ok=True)
     onehot = target if task.multilabel else np.eye(task.num_classes)[target]
     figs = {
         "roc": figures.roc(onehot, preds.probs, task.classes, f"ROC — {split}"),
@@ -188,6 +209,6 @@ def report(
         )
     for name, fig in figs.items():
         fig.savefig(fig_dir / f"{split}_{name}.png")
-        monitor.figure(f"{split}/{name}", fig, step)
+        monitor.figure(f"{tag}/{name}", fig, step)
         figures.close(fig)
     return m

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 log = logging.getLogger("retina_dist")
 
 
-def setup_logging(run_dir: Path | None, rank: int) -> None:
+def setup_logging(log_file: Path | None, rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
@@ -26,9 +27,9 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)
     root.addHandler(stream)
-    if run_dir is not None and rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(run_dir / "train.log")
+    if log_file is not None and rank == 0:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
         root.addHandler(fh)
 
@@ -36,21 +37,23 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
 class Monitor:
     def __init__(
         self,
-        run_dir: Path,
+        tb_dir: Path | None,
         is_main: bool,
         total_steps: int,
         start_step: int,
-        tensorboard: bool = True,
         progress: str = "auto",
         log_every: int = 10,
+        purge: bool = True,
     ) -> None:
+        """``tb_dir`` None: no TensorBoard. ``purge`` (training only) drops the events logged past
+        ``start_step`` by an earlier attempt, so a requeued run never repeats a step; a later command
+        appends and never purges."""
         self.is_main, self.log_every = is_main, log_every
         self.writer = None
-        if is_main and tensorboard:
+        if is_main and tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events past the resume point, so a requeued run never repeats a step.
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+            self.writer = SummaryWriter(str(tb_dir), purge_step=(start_step or None) if purge else None)
         bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
         self.lines = progress == "lines" or (progress == "auto" and not bar)
         self.bar = tqdm(
@@ -63,15 +66,24 @@ class Monitor:
         self.total = total_steps
         self._t, self._images, self._t0, self._s0 = time.perf_counter(), 0, time.perf_counter(), start_step
 
-    def step(self, step: int, epoch: int, images: int, loss_fn, lr: float, grad_norm_fn) -> None:
-        """Record one optimizer step. ``loss_fn``/``grad_norm_fn`` are called only when logging,
-        so the hot loop does not wait on the device every step."""
+    def step(
+        self,
+        step: int,
+        epoch: int,
+        images: int,
+        loss_fn: Callable[[], float],
+        lr: float,
+        grad_norm_fn: Callable[[], float],
+    ) -> bool:
+        """Record one optimizer step; True at a log step (on every rank). ``loss_fn``/``grad_norm_fn``
+        are called only then, so the hot loop does not wait on the device every step."""
         self._images += images
-        if not self.is_main:
-            return
-        self.bar.update(1)
+        if self.is_main:
+            self.bar.update(1)
         if step % self.log_every and step != self.total:
-            return
+            return False
+        if not self.is_main:
+            return True
         now = time.perf_counter()
         ips = self._images / max(now - self._t, 1e-9)
         self._t, self._images = now, 0
@@ -95,6 +107,7 @@ class Monitor:
                 ips,
                 time.strftime("%H:%M:%S", time.gmtime(eta)),
             )
+        return True
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
         if not self.writer:

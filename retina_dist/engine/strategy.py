@@ -5,19 +5,63 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from retina_dist import atomic
 from retina_dist.config import Config
 from retina_dist.dist import DistEnv
-from retina_dist.engine.checkpoint import load, save_atomic
+from retina_dist.run.checkpoints import load
 
 
 class NonFiniteError(FloatingPointError):
     pass
+
+
+class Strategy(Protocol):
+    """How a model is wrapped, stepped and saved across processes (DDP, DeepSpeed)."""
+
+    model: nn.Module  # what the forward goes through (a DDP wrapper, a DeepSpeed engine)
+    module: nn.Module  # the plain model inside
+    optimizer: Any
+    scheduler: Any
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager[None]: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def clip_and_step(self, max_norm: float) -> torch.Tensor: ...
+    def check_finite(self) -> None: ...
+    def sync_buffers(self) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def save(self, folder: Path, name: str, extra: dict[str, Any]) -> Path: ...
+    def load(self, path: Path) -> dict[str, Any]: ...
+
+
+class FiniteWatch:
+    """Non-finite gradient norms are recorded on the device and read back only when asked (at
+    log steps and before every save), so a step never waits on the device for the check. A run
+    that diverged therefore stops within ``log_every`` steps, before any checkpoint holds it."""
+
+    def __init__(self) -> None:
+        self._bad: torch.Tensor | None = None
+        self._first_step = 0
+        self._steps = 0
+
+    def record(self, norm: torch.Tensor) -> None:
+        self._steps += 1
+        bad = ~torch.isfinite(norm.detach())
+        self._bad = bad if self._bad is None else self._bad | bad
+
+    def check(self) -> None:
+        if self._bad is not None and bool(self._bad):
+            raise NonFiniteError(
+                f"gradient norm became non-finite within the last {self._steps} steps: the loss diverged "
+                "(try a lower lr or amp=none); no checkpoint was written after it"
+            )
+        self._bad, self._steps = None, 0
 
 
 class DDPStrategy:
@@ -41,11 +85,12 @@ class DDPStrategy:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
         self.env = env
+        self.finite = FiniteWatch()
 
     @contextlib.contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:
         sync = last or not isinstance(self.model, DDP)
-        with contextlib.nullcontext() if sync else self.model.no_sync():
+        with contextlib.nullcontext() if sync else self.model.no_sync():  # type: ignore[operator]
             yield
 
     def sync_buffers(self) -> None:
@@ -63,15 +108,15 @@ class DDPStrategy:
         if self.scaler:  # overflow steps are skipped by the scaler, by design
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif not torch.isfinite(norm):
-            raise NonFiniteError(
-                f"gradient norm is {norm.item()}: the loss diverged (try a lower lr or amp=none)"
-            )
         else:
+            self.finite.record(norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm
+
+    def check_finite(self) -> None:
+        self.finite.check()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -85,7 +130,7 @@ class DDPStrategy:
         """Rank 0 writes one file (DDP replicas are identical); returns its path on every rank."""
         path = folder / f"{name}.pt"
         if self.env.is_main:
-            save_atomic({**self.state_dict(), **extra}, path)
+            atomic.save_torch({**self.state_dict(), **extra}, path)
         return path
 
     def load(self, path: Path) -> dict[str, Any]:
@@ -108,7 +153,7 @@ def build_strategy(
     scheduler: Any,
     env: DistEnv,
     device: torch.device,
-) -> Any:
+) -> Strategy:
     t = cfg.train
     if t.strategy == "ddp":
         return DDPStrategy(model, optimizer, scheduler, env, device, t.amp)

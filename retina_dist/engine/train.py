@@ -6,8 +6,8 @@ import logging
 import math
 import random
 import signal
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,29 +15,23 @@ import torch
 from torch import nn
 
 from retina_dist import dist
-from retina_dist.config import Config, save_config, to_dict
+from retina_dist.config import Config, to_dict
 from retina_dist.data.buffers import release
-from retina_dist.data.manifest import (
-    DataError,
-    load_manifest,
-    split_shards,
-    write_json_atomic,
-    write_text_atomic,
-)
-from retina_dist.data.stream import StreamSpec, batches_per_rank, make_loader, repeat_factors
-from retina_dist.engine.batch import Inputs, autocast
-from retina_dist.engine.checkpoint import Checkpointer, ResumeError
-from retina_dist.engine.evaluate import predict, report
+from retina_dist.data.manifest import DataError, load_manifest
+from retina_dist.data.stream import batches_per_rank, make_loader
+from retina_dist.engine.batch import Inputs
+from retina_dist.engine.evaluate import Evaluator, report
 from retina_dist.engine.monitor import Monitor, setup_logging
+from retina_dist.engine.specs import eval_spec, train_spec
+from retina_dist.engine.step import StepOutput, TrainStep
 from retina_dist.engine.strategy import build_strategy
 from retina_dist.models import backbone_parameters, build_model
+from retina_dist.run.checkpoints import ResumeError
+from retina_dist.run.folder import RunDir
 from retina_dist.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: slurm/*.sh and the submitit launcher requeue on it
-# Written by rank 0 once a preemption checkpoint is committed. srun's exit code can be a killed
-# rank's rather than 75 (--kill-on-bad-exit), so the batch script trusts this file instead.
-PREEMPTED_MARKER = "PREEMPTED"
 
 
 @dataclass
@@ -94,7 +88,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, flo
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -118,10 +112,10 @@ class Trainer:
         self.env = dist.init(
             cfg.dist.backend, cfg.dist.timeout_s, single_group=cfg.train.strategy == "deepspeed"
         )
-        self.run_dir = Path(cfg.run_dir)
-        setup_logging(self.run_dir, self.env.rank)
+        self.run = RunDir(cfg.run_dir)
+        setup_logging(self.run.log_path, self.env.rank)
         if self.env.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            self.run.write_config(cfg)
         self.device = dist.device_for(self.env)
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
@@ -132,34 +126,9 @@ class Trainer:
         d = cfg.data
         self.manifest = load_manifest(d.shards)
         if self.env.is_main:  # predict / export / serve read the classes and pack size from the run alone
-            write_json_atomic(self.run_dir / "manifest.json", self.manifest)
+            self.run.write_manifest(self.manifest)
         self.task: Task = build_task(self.manifest, cfg.optim, d.train_split)
-        common = dict(
-            image_size=d.image_size,
-            in_chans=d.in_chans,
-            seed=cfg.train.seed,
-            multilabel=self.task.multilabel,
-            views=tuple(self.manifest.get("views", ["img"])),
-        )
-        repeat: tuple[float, ...] = ()
-        if d.balance == "repeat":
-            split = self.manifest["splits"][d.train_split]
-            repeat = repeat_factors(split["histogram"], split["count"], self.task.classes, d.repeat_thresh)
-            log.info(
-                "class-balanced sampling, repeat factors %s",
-                dict(zip(self.task.classes, repeat, strict=True)),
-            )
-        self.train_spec = StreamSpec(
-            tuple(split_shards(d.shards, self.manifest, d.train_split)),
-            cfg.train.batch_size,
-            train=True,
-            repeat=repeat,
-            augment=d.augment,
-            augment_on_device=d.augment_on == "device"
-            or (d.augment_on == "auto" and self.device.type == "cuda"),
-            shuffle_buffer=d.shuffle_buffer,
-            **common,
-        )
+        self.train_spec = train_spec(cfg, self.manifest, self.task, self.device)
         self.batches = batches_per_rank(self.train_spec, self.env.world_size, cfg.train.accum_steps)
         if self.batches == 0:
             raise DataError(
@@ -167,9 +136,6 @@ class Trainer:
                 f"fewer than one step of {self.env.world_size} ranks x batch {cfg.train.batch_size} "
                 f"x accum {cfg.train.accum_steps}"
             )
-        self.eval_spec = lambda split: StreamSpec(
-            tuple(split_shards(d.shards, self.manifest, split)), cfg.eval.batch_size, **common
-        )
         self.steps_per_epoch = self.batches // cfg.train.accum_steps
         total = self.steps_per_epoch * cfg.train.epochs
 
@@ -179,20 +145,26 @@ class Trainer:
             optimizer, round(cfg.optim.warmup_epochs * self.steps_per_epoch), total, cfg.optim.min_lr_ratio
         )
         self.strategy = build_strategy(cfg, model, optimizer, scheduler, self.env, self.device)
+        self.train_step = TrainStep(
+            self.strategy, self.task.loss, cfg.train.accum_steps, cfg.train.amp, cfg.optim.max_grad_norm
+        )
         self.inputs = Inputs(d.mean, d.std, d.in_chans, self.device, cfg.model.channels_last)
-        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_last)
+        self.evaluator = Evaluator(
+            self.strategy.module, self.env, self.inputs, self.task, d.workers, cfg.train.amp, cfg.eval.tta
+        )
+        self.ckpt = self.run.checkpointer(cfg.train.keep_last)
         self.state = TrainState()
         self._resume()
         self.monitor = Monitor(
-            self.run_dir,
+            self.run.tb if self.env.is_main and cfg.log.tensorboard else None,
             self.env.is_main,
             total,
             self.state.step,
-            cfg.log.tensorboard,
             cfg.log.progress,
             cfg.train.log_every,
         )
         self.preemption = Preemption()
+        self.agreement = dist.LaggedAgreement(self.device)
         if self.env.is_main and dist.slurm_restart_count():
             log.info("SLURM restart %d of this job", dist.slurm_restart_count())
         if self.env.is_main:
@@ -234,7 +206,7 @@ class Trainer:
             self.monitor.close()
 
     def _train_epoch(self) -> str:
-        cfg, s, strategy = self.cfg, self.state, self.strategy
+        cfg, s = self.cfg, self.state
         accum = cfg.train.accum_steps
         loader = make_loader(
             self.train_spec,
@@ -246,50 +218,47 @@ class Trainer:
             skip_batches=s.batches_done,
         )
         batches = iter(loader)
-        strategy.model.train()
+        self.strategy.model.train()
         while s.batches_done < self.batches:
-            loss_sum = torch.zeros((), device=self.device)
-            for micro in range(accum):
-                batch = next(batches)
-                x, y = self.inputs(batch)
-                release(batch)  # its pixels are on the device: the loader worker may refill the buffer
-                with strategy.accumulating(last=micro == accum - 1), autocast(self.device, cfg.train.amp):
-                    loss = self.task.loss(strategy.model(x), y) / accum
-                strategy.backward(loss)
-                loss_sum += loss.detach()
-            norm = strategy.clip_and_step(cfg.optim.max_grad_norm)
+            out = self.train_step(self._on_device(batches, accum))
             s.step, s.batches_done = s.step + 1, s.batches_done + accum
-            self.monitor.step(
-                s.step,
-                s.epoch,
-                x.shape[0] * accum * self.env.world_size,
-                lambda ls=loss_sum: float(ls),
-                strategy.scheduler.get_last_lr()[0],
-                lambda n=norm: float(n),
-            )
-            if dist.any_rank(self.preemption.requested, self.device):
+            self._log(out)
+            if self.agreement.poll(self.preemption.requested):
                 return "preempted"
             if cfg.train.max_steps and s.step >= cfg.train.max_steps:
+                self.agreement.drain()
                 return "stopped"
-        return "epoch"
+        # A signal in the epoch's last step is answered here, at a boundary every rank reaches.
+        return "preempted" if self.agreement.drain() else "epoch"
+
+    def _on_device(self, batches: Iterator[dict], n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(n):
+            batch = next(batches)
+            x, y = self.inputs(batch)
+            release(batch)  # its pixels are on the device: the loader worker may refill the buffer
+            yield x, y
+
+    def _log(self, out: StepOutput) -> None:
+        logged = self.monitor.step(
+            self.state.step,
+            self.state.epoch,
+            out.samples * self.env.world_size,
+            lambda: float(out.loss),
+            self.strategy.scheduler.get_last_lr()[0],
+            lambda: float(out.grad_norm),
+        )
+        if logged:
+            self.strategy.check_finite()
 
     def _validate(self, split: str) -> bool:
         """Exactly-once evaluation of ``split``; True on rank 0 when it is the best so far."""
         self.strategy.sync_buffers()
-        preds = predict(
-            self.strategy.module,
-            self.eval_spec(split),
-            self.env,
-            self.inputs,
-            self.task,
-            self.cfg.data.workers,
-            self.cfg.train.amp,
-            self.cfg.eval.tta,
-        )
+        preds = self.evaluator.predict(eval_spec(self.cfg, self.manifest, self.task, split))
         if preds is None:
             return False
-        val = self.cfg.data.val_split if self.cfg.eval.calibrate else None
-        m = report(preds, self.task, split, self.run_dir, self.monitor, self.state.step, val)
+        val = self.cfg.data.val_split
+        mode = "none" if not self.cfg.eval.calibrate else "fit" if split == val else "apply"
+        m = report(preds, self.task, split, self.run, self.run.training, self.monitor, self.state.step, mode)
         score = m.get("accuracy", m.get("macro_auroc")) or 0.0
         log.info(
             "%s after epoch %d: %s",
@@ -297,13 +266,14 @@ class Trainer:
             self.state.epoch,
             ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)),
         )
-        if split == self.cfg.data.val_split and score > self.state.best:
+        if split == val and score > self.state.best:
             self.state.best = score
             return True
         return False
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _save(self, best: bool = False) -> None:
+        self.strategy.check_finite()  # diverged weights never become a checkpoint
         self.strategy.sync_buffers()
         extra = {
             "state": asdict(self.state),
@@ -344,13 +314,12 @@ class Trainer:
 
 def train(cfg: Config) -> str:
     trainer = Trainer(cfg)
-    marker = trainer.run_dir / PREEMPTED_MARKER
     if trainer.env.is_main:
-        marker.unlink(missing_ok=True)
+        trainer.run.clear_preempted()
     try:
         outcome = trainer.fit()
         if outcome == "preempted" and trainer.env.is_main:
-            write_text_atomic(marker, f"step {trainer.state.step}\n")
+            trainer.run.mark_preempted(trainer.state.step)
         return outcome
     finally:
         dist.destroy()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from retina_dist.data.manifest import write_json_atomic, write_text_atomic
+from retina_dist import atomic
 from retina_dist.infer.model_card import card_markdown, model_card
 from retina_dist.infer.predictor import Predictor
 
@@ -37,7 +37,9 @@ class Deployable(nn.Module):
         self.register_buffer("inv_t", torch.tensor(1.0 / temperature))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x * self.scale + self.shift) * self.inv_t
+        scale, shift, inv_t = self.scale, self.shift, self.inv_t
+        assert isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)
+        logits = self.model(x * scale + shift) * inv_t
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
 
 
@@ -77,11 +79,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> dict
     if fmt not in ("torchscript", "onnx"):
         raise ValueError(f"export format {fmt!r}: expected torchscript or onnx")
     p = Predictor(run_dir, device="cpu", tta=False)
-    out = (
-        Path(out)
-        if out
-        else Path(run_dir) / "export" / ("model.pt" if fmt == "torchscript" else "model.onnx")
-    )
+    out = Path(out) if out else p.run.export_dir / ("model.pt" if fmt == "torchscript" else "model.onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
     module = deployable(p)
     example = _example(p, 2, 0)
@@ -110,8 +108,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> dict
             "the export is not usable as is"
         )
     card = model_card(p, {"format": fmt, "file": out.name, "verification": check})
-    write_json_atomic(out.with_name("model_card.json"), card)
-    write_text_atomic(out.with_name("MODEL_CARD.md"), card_markdown(card))
+    atomic.write_json(out.with_name("model_card.json"), card)
+    atomic.write_text(out.with_name("MODEL_CARD.md"), card_markdown(card))
     return {"file": str(out), **check}
 
 

@@ -4,6 +4,7 @@ explicit ``--left/--right`` lists. Anything that is not an image is listed as sk
 
 from __future__ import annotations
 
+import functools
 import re
 import zipfile
 from collections.abc import Callable
@@ -16,7 +17,7 @@ NOT_IMAGE = "not an image file type (" + ", ".join(IMAGE_EXTS) + ")"
 
 
 @dataclass(frozen=True)
-class Source:
+class InputFile:
     name: str  # shown in the CSV: a path, or archive.zip:member
     read: Callable[[], bytes]
 
@@ -24,7 +25,7 @@ class Source:
 @dataclass(frozen=True)
 class Sample:
     name: str
-    views: tuple[Source, ...]
+    views: tuple[InputFile, ...]
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,11 @@ class Skipped:
     reason: str
 
 
-def _file(path: Path) -> Source:
-    return Source(str(path), path.read_bytes)
+def _file(path: Path) -> InputFile:
+    return InputFile(str(path), path.read_bytes)
 
 
-def _zip_members(path: Path, skipped: list[Skipped]) -> list[Source]:
+def _zip_members(path: Path, skipped: list[Skipped]) -> list[InputFile]:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
@@ -57,13 +58,13 @@ def _zip_members(path: Path, skipped: list[Skipped]) -> list[Source]:
                 Skipped(name, f"{info.file_size} bytes uncompressed, over the {MAX_MEMBER_BYTES} limit")
             )
         else:
-            out.append(Source(name, lambda m=info.filename: zf.read(m)))
+            out.append(InputFile(name, functools.partial(zf.read, info.filename)))
     return out
 
 
-def expand(paths: list[str], skipped: list[Skipped]) -> list[Source]:
+def expand(paths: list[str], skipped: list[Skipped]) -> list[InputFile]:
     """Every image under ``paths`` in a stable order; the rest goes to ``skipped``."""
-    out: list[Source] = []
+    out: list[InputFile] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
@@ -108,7 +109,7 @@ def collect(
             )
         samples += [Sample(f"{a.name}|{b.name}", (a, b)) for a, b in zip(first, second, strict=True)]
     pattern = re.compile(rf"^(?P<id>.+)_(?P<view>{'|'.join(map(re.escape, views))})$", re.IGNORECASE)
-    groups: dict[str, dict[str, Source]] = {}
+    groups: dict[str, dict[str, InputFile]] = {}
     for s in sources:
         m = pattern.match(_stem(s.name))
         if m is None:

@@ -3,8 +3,6 @@ calibration (temperature, multi-label thresholds) and, on request, a CAM overlay
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +12,13 @@ import numpy as np
 import torch
 
 from retina_dist import calibration
-from retina_dist.config import Config, ConfigError, load_config
 from retina_dist.data.augment import build_transform
 from retina_dist.data.codec import decode
-from retina_dist.data.manifest import load_manifest
 from retina_dist.data.preprocess import as_packed
 from retina_dist.data.preprocess import view as prepare_view
 from retina_dist.engine.batch import Inputs
-from retina_dist.models import DualEyeNet, LateFusionNet, build_model
-from retina_dist.models.backbone import read_weights
-from retina_dist.tasks import Task, build_task
+from retina_dist.models import DualEyeNet, LateFusionNet
+from retina_dist.run import load_run
 
 log = logging.getLogger(__name__)
 
@@ -34,37 +29,21 @@ class Result:
     predicted: list[str]  # argmax class, or every class at or above its threshold (multi-label)
 
 
-def read_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
-    """The run's config and the manifest it was trained on (its copy in the run, else the shards')."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml); pass --run runs/<name>")
-    cfg = load_config(str(run_dir / "config.yaml"))
-    copy = run_dir / "manifest.json"
-    manifest = json.loads(copy.read_text()) if copy.exists() else load_manifest(cfg.data.shards)
-    return cfg, manifest
-
-
 class Predictor:
     def __init__(self, run_dir: str | Path, device: str = "cpu", tta: bool | None = None) -> None:
-        self.run_dir = Path(run_dir)
-        self.cfg, self.manifest = read_run(self.run_dir)
+        loaded = load_run(run_dir)
+        self.run, self.run_dir = loaded.run, loaded.run.root
+        self.cfg, self.manifest, self.task = loaded.cfg, loaded.manifest, loaded.task
         d = self.cfg.data
-        self.task: Task = build_task(self.manifest)
-        self.views: tuple[str, ...] = tuple(self.manifest.get("views", ["img"]))
-        self.max_side = int(self.manifest.get("options", {}).get("max_side", 0) or 0)
+        self.views: tuple[str, ...] = loaded.views
+        self.max_side = self.manifest.max_side
         self.image_size, self.in_chans = d.image_size, d.in_chans
         self.tta = self.cfg.eval.tta if tta is None else tta
         self.device = torch.device(device)
-        # Weights come from the run's checkpoint: the pretrained source need not exist here.
-        mcfg = dataclasses.replace(self.cfg.model, pretrained="", compile=False)
-        self.model = build_model(mcfg, self.task.num_classes, d.in_chans)
-        self.model.load_state_dict(read_weights(self.run_dir))
-        self.model.to(self.device).eval()
-        self.inputs = Inputs(d.mean, d.std, d.in_chans, self.device, mcfg.channels_last)
+        self.model = loaded.model.to(self.device).eval()
+        self.inputs = Inputs(d.mean, d.std, d.in_chans, self.device, self.cfg.model.channels_last)
         self.transform = build_transform(d.image_size, train=False, augment=False, colour=d.in_chans == 3)
-        cal_path = self.run_dir / "calibration.json"
-        cal = json.loads(cal_path.read_text()) if cal_path.exists() else {}
+        cal = self.run.read_calibration()
         self.temperature = float(cal.get("temperature", 1.0))
         self.calibrated_on = cal.get("split")
         raw_thr = np.array([cal.get("thresholds", {}).get(c, 0.5) for c in self.task.classes])
@@ -102,7 +81,7 @@ class Predictor:
         return calibration.apply_temperature(p.float().cpu().numpy(), self.temperature, self.task.multilabel)
 
     def decide(self, probs: np.ndarray) -> list[str]:
-        if self.task.multilabel:
+        if self.thresholds is not None:  # multi-label
             return [c for c, p, t in zip(self.task.classes, probs, self.thresholds, strict=True) if p >= t]
         return [self.task.classes[int(np.argmax(probs))]]
 

@@ -31,7 +31,7 @@ def create(
     except RuntimeError as err:  # timm's "Unknown model"
         raise ConfigError(f"model.name {name!r}: {err}") from None
     if grad_ckpt:
-        model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(True)  # type: ignore[operator]  # timm's method, not a tensor
     return model
 
 
@@ -40,16 +40,12 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     latest checkpoint (DeepSpeed checkpoints are consolidated)."""
     path = Path(path)
     if path.is_dir():
-        from retina_dist.engine.checkpoint import Checkpointer
+        from retina_dist.run.checkpoints import Checkpointer, weights_of
 
         latest = Checkpointer(path / "checkpoints" if (path / "checkpoints").is_dir() else path).latest()
         if latest is None:
             raise ConfigError(f"{path}: no checkpoint to load weights from")
-        if latest.is_dir():
-            from retina_dist.engine.deepspeed_strategy import consolidate
-
-            return consolidate(latest)
-        path = latest
+        return weights_of(latest)
     if not path.exists():
         raise ConfigError(f"{path}: weights file does not exist")
     if path.suffix == ".safetensors":
@@ -86,13 +82,14 @@ def load_pretrained(model: nn.Module, source: str | Path | dict[str, torch.Tenso
 
 
 def head_prefix(model: nn.Module) -> str:
-    name = model.default_cfg.get("classifier", "head") if hasattr(model, "default_cfg") else "head"
+    cfg: dict[str, Any] = getattr(model, "default_cfg", {})
+    name = cfg.get("classifier", "head")
     return name if isinstance(name, str) else name[0]
 
 
 def tokens(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Spatial features as a token sequence B x N x C (CNN maps flattened; ViT tokens as they are)."""
-    f = backbone.forward_features(x)
+    f = backbone.forward_features(x)  # type: ignore[operator]  # timm's method
     norm = getattr(getattr(backbone, "head", None), "norm", None)
     if f.ndim == 4 and isinstance(norm, nn.Module):
         f = norm(f)  # ConvNeXt normalises its final map in the head; unused parameters would stall DDP

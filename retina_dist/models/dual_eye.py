@@ -21,7 +21,7 @@ class DualEyeNet(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone  # timm, num_classes=0
-        width = backbone.num_features
+        width = int(backbone.num_features)  # type: ignore[arg-type]  # timm's attribute
         self.proj = nn.ModuleDict(
             {
                 eye: nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embed_dim))

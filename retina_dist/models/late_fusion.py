@@ -23,7 +23,7 @@ class LateFusionNet(nn.Module):
         self.oct_in_chans = oct_in_chans
         for p in [*fundus.parameters(), *oct_encoder.parameters()]:
             p.requires_grad_(False)
-        width = fundus.num_features + oct_encoder.num_features
+        width = int(fundus.num_features) + int(oct_encoder.num_features)  # type: ignore[arg-type]
         self.head = nn.Sequential(
             nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
         )

@@ -74,7 +74,7 @@ class OdirSource:
 
     def _rows(self, table: Path) -> list[dict[str, Any]]:
         if table.suffix == ".csv":
-            rows, patients = read_csv(table, COLUMNS), {}
+            rows, patients = read_csv(table, COLUMNS), dict[str, dict[str, Any]]()
             for r in rows:  # one row per eye; the patient-level labels are on both
                 patients.setdefault(r["ID"], r)
             return list(patients.values())

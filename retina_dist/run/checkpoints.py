@@ -9,35 +9,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from retina_dist.data.manifest import write_text_atomic
+from retina_dist import atomic
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
 BEST = "best"  # pointer used when checkpoints are folders (DeepSpeed); files get a best.pt link
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
 
 
 class ResumeError(RuntimeError):
@@ -52,7 +33,7 @@ class Checkpointer:
 
     def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path:
         path = self.folder / f"step-{step:08d}.pt"
-        save_atomic(state, path)
+        atomic.save_torch(state, path)
         self.commit(path, best)
         return path
 
@@ -64,8 +45,8 @@ class Checkpointer:
             os.link(path, tmp)  # a hard link: no second copy on disk
             os.replace(tmp, self.folder / "best.pt")
         elif best:
-            write_text_atomic(self.folder / BEST, path.name + "\n")
-        write_text_atomic(self.folder / LATEST, path.name + "\n")
+            atomic.write_text(self.folder / BEST, path.name + "\n")
+        atomic.write_text(self.folder / LATEST, path.name + "\n")
         self._prune(keep={path.name, self._pointer(BEST)})
 
     def _pointer(self, name: str) -> str:
@@ -99,3 +80,15 @@ class Checkpointer:
 
 def load(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weights_of(path: Path) -> dict[str, torch.Tensor]:
+    """The model state dict of one checkpoint (a file, or a ZeRO folder consolidated)."""
+    return consolidate(path) if path.is_dir() else load(path)["model"]
+
+
+def consolidate(path: Path) -> dict[str, torch.Tensor]:
+    """A plain fp32 state dict from a ZeRO checkpoint folder (loadable by timm and ``retina-dist eval``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)

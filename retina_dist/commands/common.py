@@ -1,0 +1,114 @@
+"""What several subcommands share: the run arguments, the config they resolve to, starting local
+ranks through torchrun, and packing a preset's data when it is missing. Imports no torch at module
+level, so ``launch/submit.py`` can build on the same argument definitions on a login node."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from retina_dist.config import Config
+
+log = logging.getLogger("retina_dist")
+
+
+def add_run_args(p: argparse.ArgumentParser, nproc: bool = True, overrides: bool = True) -> None:
+    """--preset, --run-dir, --smoke (and --nproc, KEY=VALUE overrides): how a training is named."""
+    p.add_argument("--preset", default="synthetic", help="preset name (retina_dist/presets) or a YAML file")
+    p.add_argument("--run-dir", help="run folder (default: the preset's run_dir)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, few small images, 2 epochs")
+    if nproc:
+        add_nproc(p)
+    if overrides:
+        p.add_argument(
+            "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3"
+        )
+
+
+def add_nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc", type=int, default=1, help="local processes to start through torchrun (1: this process)"
+    )
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    from retina_dist.config import load_config
+
+    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    return load_config(args.preset, overrides, smoke=args.smoke)
+
+
+def relaunch_under_torchrun(nproc: int, argv: list[str]) -> bool:
+    """With ``nproc`` > 1 and not already one rank of a group: run ``python -m retina_dist <argv>``
+    as ``nproc`` local ranks through torch's elastic launcher (as ``torchrun --standalone``) and
+    return True once they have finished; otherwise False, and the caller does the work itself."""
+    if nproc <= 1:
+        return False
+    from retina_dist.dist import discover
+
+    if discover().distributed:
+        return False
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    run(
+        get_args_parser().parse_args(
+            ["--standalone", f"--nproc-per-node={nproc}", "-m", "retina_dist", *argv]
+        )
+    )
+    return True
+
+
+def pack_if_missing(cfg: Config) -> None:
+    """Pack the preset's dataset if its shards are missing: from ``data.src`` when given, else from
+    the dataset's synthetic twin written in its real layout (no download needed)."""
+    from retina_dist.config import ConfigError
+    from retina_dist.data.archive import resolve_src
+    from retina_dist.data.manifest import MANIFEST
+    from retina_dist.data.pack import PackOptions, pack
+    from retina_dist.data.sources import SYNTHETIC, build_source
+
+    d = cfg.data
+    out = Path(d.shards)
+    if (out / MANIFEST).exists():
+        return
+    progress = sys.stderr.isatty()
+    if d.dataset in SYNTHETIC:
+        source = build_source(d.dataset, n=d.n, image_size=d.pack_size, seed=cfg.train.seed)
+        pack(source, out, PackOptions(seed=cfg.train.seed), progress=progress)
+        return
+    from retina_dist.data.synth_layouts import synth
+
+    extract = out.with_name(out.name + ".extracted")
+    if d.src:
+        src = resolve_src(d.src, extract)
+        oct_src = resolve_src(d.oct_src, extract) if d.oct_src else None
+    else:
+        twin = out.with_name(out.name + ".synthetic-src")
+        log.warning(
+            "data.src is empty: packing a synthetic %s twin (%d samples) written to %s", d.dataset, d.n, twin
+        )
+        if d.dataset == "fusion":
+            src = synth("aptos", twin / "aptos", d.n, d.pack_size, cfg.train.seed)
+            oct_src = synth("kermany", twin / "kermany", d.n, d.pack_size, cfg.train.seed)
+        else:
+            src, oct_src = synth(d.dataset, twin, d.n, d.pack_size, cfg.train.seed), None
+    try:
+        source = build_source(d.dataset, src=src, oct_src=oct_src, seed=cfg.train.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    pack(source, out, PackOptions(max_side=512, seed=cfg.train.seed), progress=progress)
+
+
+def device_name(name: str) -> str:
+    """``auto``: cuda when there is one, else cpu."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

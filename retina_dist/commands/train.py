@@ -1,0 +1,41 @@
+"""``retina-dist train``: train (and evaluate) on packed shards."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from retina_dist.commands.common import add_run_args, config_from, relaunch_under_torchrun
+
+if TYPE_CHECKING:
+    from retina_dist.config import Config
+
+HELP = "train (and evaluate) on packed shards"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return train(config_from(args), args.nproc)  # validated before any process starts
+
+
+def train(cfg: Config, nproc: int) -> int:
+    from retina_dist.run import RunDir
+
+    resolved = RunDir(cfg.run_dir)
+    if nproc > 1 and not _is_rank():
+        # The ranks read the resolved config from the run folder: one truth for all of them.
+        relaunch_under_torchrun(nproc, ["train", "--preset", str(resolved.write_config(cfg))])
+        return 0
+    from retina_dist.engine.train import EXIT_PREEMPTED
+    from retina_dist.engine.train import train as fit
+
+    return EXIT_PREEMPTED if fit(cfg) == "preempted" else 0
+
+
+def _is_rank() -> bool:
+    from retina_dist.dist import discover
+
+    return discover().distributed
