@@ -136,7 +136,6 @@ def strategy_roundtrip(rank: int, world: int, port: int, strategy: str, stage: i
     one more step on each with the same data: both must land on the same parameters."""
     _join(rank, world, port)
     import timm
-
     from torch.utils._pytree import tree_map
 
     from retina_dist import dist
