@@ -56,10 +56,10 @@ class Train(submitit.helpers.Checkpointable):
 
 
 def main() -> int:
+    from retina_dist.commands.common import add_run_args  # argparse only: no torch on the login node
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="synthetic")
-    p.add_argument("--run-dir", help="default runs/<job id> (with --sweep always runs/<array id>_<index>)")
-    p.add_argument("--smoke", action="store_true")
+    add_run_args(p, nproc=False, overrides=False)  # --preset, --run-dir, --smoke as `retina-dist train`
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0)
     p.add_argument("--tasks-per-node", type=int, help="default: --gpus-per-node, or 1")
@@ -72,6 +72,7 @@ def main() -> int:
     p.add_argument("--sweep", help="file of KEY=VALUE lines: one array job per line")
     p.add_argument("--wait", action="store_true", help="block until done and print the metrics")
     args, overrides = p.parse_known_args()
+    # Default run folder: runs/<job id> (with --sweep always runs/<array id>_<index>).
     argv = ["--preset", args.preset, *(["--smoke"] if args.smoke else []), *overrides]
 
     # Pack (synthetic) or check the shards once, here, instead of racing N ranks to do it.

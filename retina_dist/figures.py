@@ -1,20 +1,20 @@
-"""Evaluation pictures: confusion matrices and ROC curves, as matplotlib figures (saved and logged)."""
+"""Evaluation pictures: confusion matrices and ROC curves, as matplotlib figures (saved and logged).
+
+Figures are made with matplotlib's object API (``Figure``), never pyplot: no backend is chosen, no
+global figure registry fills up, and importing this module changes nothing for anyone else."""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 
 def confusion(cm: np.ndarray, classes: tuple[str, ...], normalise: bool, title: str) -> Figure:
     cm = np.asarray(cm, dtype=float)
     shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalise else cm
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(classes), 1 + 0.7 * len(classes)), dpi=110)
+    fig = Figure(figsize=(1.2 + 0.8 * len(classes), 1 + 0.7 * len(classes)), dpi=110)
+    ax = fig.subplots()
     im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalise else None)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -39,7 +39,8 @@ def confusion(cm: np.ndarray, classes: tuple[str, ...], normalise: bool, title: 
 
 
 def roc(target_onehot: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], title: str) -> Figure:
-    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=110)
+    fig = Figure(figsize=(5, 4.5), dpi=110)
+    ax = fig.subplots()
     for i, c in enumerate(classes):
         y = target_onehot[:, i]
         if 0 < y.sum() < len(y):
@@ -55,7 +56,8 @@ def roc(target_onehot: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], 
 
 
 def pr(target_onehot: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], title: str) -> Figure:
-    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=110)
+    fig = Figure(figsize=(5, 4.5), dpi=110)
+    ax = fig.subplots()
     for i, c in enumerate(classes):
         y = target_onehot[:, i]
         if y.sum() > 0:
@@ -77,7 +79,8 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, title: str, bins: i
     centres = (edges[:-1] + edges[1:]) / 2
     acc = np.array([correct[idx == b].mean() if (idx == b).any() else np.nan for b in range(bins)])
     count = np.bincount(idx, minlength=bins)
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.5, 5), dpi=110, height_ratios=[3, 1], sharex=True)
+    fig = Figure(figsize=(4.5, 5), dpi=110)
+    (ax, axc) = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
     ax.bar(centres, np.nan_to_num(acc), width=1 / bins, edgecolor="k", alpha=0.7, label="accuracy")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
     ax.set_ylabel("accuracy")
@@ -91,7 +94,8 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, title: str, bins: i
 
 
 def f1_bars(per_class: dict[str, float], title: str) -> Figure:
-    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(per_class), 3.2), dpi=110)
+    fig = Figure(figsize=(1.5 + 0.45 * len(per_class), 3.2), dpi=110)
+    ax = fig.subplots()
     ax.bar(list(per_class), list(per_class.values()), color="tab:blue")
     ax.set_ylim(0, 1)
     ax.set_ylabel("F1")
@@ -102,4 +106,5 @@ def f1_bars(per_class: dict[str, float], title: str) -> Figure:
 
 
 def close(fig: Figure) -> None:
-    plt.close(fig)
+    """Let go of a figure's drawing memory now (nothing registers it, so this is all there is)."""
+    fig.clear()

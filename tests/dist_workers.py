@@ -57,11 +57,11 @@ def accumulation(rank: int, world: int, port: int, micro: int, accum: int, out: 
 def exact_once_eval(rank: int, world: int, port: int, shards: str, workers: int, out: str) -> None:
     _join(rank, world, port)
     from retina_dist import dist
-    from retina_dist.engine.evaluate import predict
+    from retina_dist.engine.evaluate import Evaluator
     from tests.test_distributed import eval_setup
 
     model, spec, inputs, task = eval_setup(shards)
-    preds = predict(model, spec, dist.discover(), inputs, task, workers)
+    preds = Evaluator(model, dist.discover(), inputs, task, workers).predict(spec)
     if rank == 0:
         torch.save(
             {

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from retina_dist.data.augment import N_DRAWS, FusedTrainAugment
 from retina_dist.data.manifest import load_manifest, split_shards
 from retina_dist.data.stream import StreamSpec, batches_per_rank, make_loader
+from retina_dist.data.stream.augment import N_DRAWS, FusedTrainAugment
 
 QUIET = np.array([0.9, 0.9, 0.5, 0.5, 0.9, 0.5, 0.5, 0.9, 0.5, 0.5])  # no flip, affine or jitter fires
 LOUD = np.array([0.2, 0.1, 0.8, 0.3, 0.1, 0.9, 0.2, 0.1, 0.9, 0.8])  # every branch fires
@@ -101,8 +101,8 @@ def test_worker_batches_in_shared_memory_equal_in_process_batches(shards):
 def test_device_augmentation_equals_the_worker_path_to_one_grey_level(shards):
     """Same draws, same matrices: the canvas + grid_sample path on the device gives the worker's
     OpenCV pixels to within rounding, for single images and for two views per sample."""
-    from retina_dist.data import augment_device
-    from retina_dist.engine.batch import Inputs
+    from retina_dist.data.stream import augment_device
+    from retina_dist.data.stream.feeder import DeviceInputs
 
     base = StreamSpec(
         tuple(split_shards(shards, load_manifest(shards), "train")), batch_size=8, image_size=40, train=True
@@ -132,7 +132,7 @@ def test_device_augmentation_equals_the_worker_path_to_one_grey_level(shards):
     assert torch.equal(pair[:, 0], augment_device.apply(d["image"], d["augment"]))
     assert (pair[:, 1] - pair[:, 0].flip(-1)).abs().max() <= 1.0
 
-    inputs = Inputs([0.5] * 3, [0.25] * 3, 3, torch.device("cpu"))
+    inputs = DeviceInputs([0.5] * 3, [0.25] * 3, 3, torch.device("cpu"))
     x, y = inputs(d)
     assert torch.allclose(x, (augment_device.apply(d["image"], d["augment"]) / 255 - 0.5) / 0.25, atol=1e-5)
     assert torch.equal(y, d["target"])

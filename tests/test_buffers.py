@@ -3,9 +3,9 @@ import os
 import pytest
 import torch
 
-from retina_dist.data.buffers import BufferPool, release
 from retina_dist.data.manifest import load_manifest, split_shards
 from retina_dist.data.stream import StreamSpec, batches_per_rank, make_loader
+from retina_dist.data.stream.buffers import BufferPool, release
 
 
 def test_pool_reuses_a_buffer_only_after_its_release():

@@ -14,10 +14,10 @@ from retina_dist.data.manifest import load_manifest, split_shards
 from retina_dist.data.pack import PackOptions, pack
 from retina_dist.data.sources import build_source
 from retina_dist.data.stream import StreamSpec, make_loader, repeat_factors
-from retina_dist.data.synth_layouts import synth
+from retina_dist.data.stream.feeder import DeviceInputs
+from retina_dist.data.synthetic.layouts import synth
 from retina_dist.dist import DistEnv
-from retina_dist.engine.batch import Inputs
-from retina_dist.engine.evaluate import predict
+from retina_dist.engine.evaluate import Evaluator
 from retina_dist.tasks import build_task
 
 
@@ -53,12 +53,12 @@ def test_flip_tta_averages_the_two_views(shards):
     spec = StreamSpec(tuple(split_shards(shards, m, "val")), 16, 32)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
-    inputs = Inputs([0.5] * 3, [0.25] * 3, 3, torch.device("cpu"))
+    inputs = DeviceInputs([0.5] * 3, [0.25] * 3, 3, torch.device("cpu"))
     model(torch.zeros(1, 3, 32, 32))
-    plain = predict(model, spec, DistEnv(), inputs, task, 0)
-    tta = predict(model, spec, DistEnv(), inputs, task, 0, tta=True)
+    plain = Evaluator(model, DistEnv(), inputs, task, 0).predict(spec)
+    tta = Evaluator(model, DistEnv(), inputs, task, 0, tta=True).predict(spec)
     flipped = torch.nn.Sequential(_Flip(), model)
-    only_flip = predict(flipped, spec, DistEnv(), inputs, task, 0)
+    only_flip = Evaluator(flipped, DistEnv(), inputs, task, 0).predict(spec)
     assert plain.keys == tta.keys == only_flip.keys
     np.testing.assert_allclose(tta.probs, (plain.probs + only_flip.probs) / 2, atol=1e-6)
     assert not np.allclose(tta.probs, plain.probs)

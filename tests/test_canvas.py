@@ -3,15 +3,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from retina_dist.data import augment_device
-from retina_dist.data.buffers import BufferPool, release
-from retina_dist.data.canvas import Canvas
 from retina_dist.data.codec import decode, encode
 from retina_dist.data.manifest import load_manifest, split_shards
 from retina_dist.data.pack import PackOptions, pack
-from retina_dist.data.shard_reader import read_samples
 from retina_dist.data.sources import build_source
-from retina_dist.data.stream import StreamSpec, batches_per_rank, make_loader
+from retina_dist.data.stream import StreamSpec, augment_device, batches_per_rank, make_loader
+from retina_dist.data.stream.buffers import BufferPool, release
+from retina_dist.data.stream.canvas import Canvas
+from retina_dist.data.stream.shard_reader import read_samples
 
 
 def test_frames_decoded_in_place_put_and_moved_when_the_canvas_grows():

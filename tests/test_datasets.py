@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retina_dist.data.archive import resolve_src
 from retina_dist.data.manifest import DataError, Manifest, load_manifest, split_shards, verify
 from retina_dist.data.pack import PackOptions, pack
 from retina_dist.data.sources import build_source
+from retina_dist.data.sources.archive import resolve_src
 from retina_dist.data.sources.common import read_xlsx
 from retina_dist.data.stream import StreamSpec, make_loader
-from retina_dist.data.synth_layouts import synth
+from retina_dist.data.synthetic.layouts import synth
 from tests.conftest import run_cli
 
 OPTS = PackOptions(shard_size=16, min_shards=2, max_side=56, seed=3)

@@ -12,9 +12,9 @@ from retina_dist.data.manifest import load_manifest, split_shards
 from retina_dist.data.pack import PackOptions, pack
 from retina_dist.data.sources import build_source
 from retina_dist.data.stream import StreamSpec
+from retina_dist.data.stream.feeder import DeviceInputs
 from retina_dist.dist import DistEnv
-from retina_dist.engine.batch import Inputs
-from retina_dist.engine.evaluate import predict
+from retina_dist.engine.evaluate import Evaluator
 from retina_dist.tasks import build_task
 from tests import dist_workers
 
@@ -43,7 +43,7 @@ def eval_setup(shards: str):
     torch.manual_seed(3)
     model = timm.create_model("resnet10t", num_classes=task.num_classes, in_chans=3)
     spec = StreamSpec(tuple(split_shards(shards, m, "val")), batch_size=8, image_size=32)
-    inputs = Inputs([0.5] * 3, [0.25] * 3, 3, torch.device("cpu"))
+    inputs = DeviceInputs([0.5] * 3, [0.25] * 3, 3, torch.device("cpu"))
     return model, spec, inputs, task
 
 
@@ -66,7 +66,7 @@ def test_exact_once_eval_on_two_ranks_matches_one_process(odd_shards, tmp_path):
     assert len(got["keys"]) == 101 and len(set(got["keys"])) == 101
 
     model, spec, inputs, task = eval_setup(str(odd_shards))
-    ref = predict(model, spec, DistEnv(), inputs, task, workers=0)  # one process, no group
+    ref = Evaluator(model, DistEnv(), inputs, task, workers=0).predict(spec)  # one process, no group
     order = {k: i for i, k in enumerate(ref.keys)}
     idx = [order[k] for k in got["keys"]]
     np.testing.assert_allclose(got["probs"].numpy(), ref.probs[idx], rtol=1e-4, atol=1e-5)

@@ -36,7 +36,7 @@ def trained(tmp_path_factory, scratch) -> Path:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory, scratch) -> Path:
     """APTOS-layout PNGs at 3x the model's input, a truncated PNG and a text file among them."""
-    from retina_dist.data.synth_layouts import synth
+    from retina_dist.data.synthetic.layouts import synth
 
     src = synth("aptos", tmp_path_factory.mktemp("aptos") / "src", n=12, size=144, seed=3)
     folder = src / "train_images"

@@ -8,8 +8,8 @@ import webdataset as wds
 
 from retina_dist.data.manifest import DataError, load_manifest, verify
 from retina_dist.data.pack import PackOptions, pack
-from retina_dist.data.record import Item, Record, TaskSpec
 from retina_dist.data.sources import build_source
+from retina_dist.data.sources.record import Item, Record, TaskSpec
 
 
 def test_shards_are_real_tars_matching_the_manifest(shards):

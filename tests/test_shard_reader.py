@@ -5,7 +5,7 @@ import pytest
 from webdataset.tariterators import tarfile_samples
 
 from retina_dist.data.manifest import DataError, load_manifest, split_shards
-from retina_dist.data.shard_reader import read_samples
+from retina_dist.data.stream.shard_reader import read_samples
 
 
 def _shard_paths(shards):

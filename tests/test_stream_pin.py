@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from retina_dist.data import augment_device
-from retina_dist.data.buffers import release
 from retina_dist.data.manifest import load_manifest, split_shards
 from retina_dist.data.pack import PackOptions, pack
 from retina_dist.data.sources import build_source
-from retina_dist.data.stream import StreamSpec, make_loader
+from retina_dist.data.stream import StreamSpec, augment_device, make_loader
+from retina_dist.data.stream.buffers import release
 
 PIPELINES = {
     "eval": dict(train=False),

@@ -17,16 +17,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from retina_dist.bench.common import cycle, rate, table, worker_counts
-from retina_dist.data import augment_device
-from retina_dist.data.augment import build_transform
-from retina_dist.data.buffers import release
 from retina_dist.data.codec import decode
 from retina_dist.data.manifest import load_manifest, split_shards
 from retina_dist.data.pack import PackOptions, pack
-from retina_dist.data.shard_reader import read_samples
 from retina_dist.data.sources import build_source
-from retina_dist.data.stream import StreamSpec, make_loader, worker_init
-from retina_dist.data.synth_layouts import synth
+from retina_dist.data.stream import StreamSpec, augment_device, make_loader, worker_init
+from retina_dist.data.stream.augment import build_transform
+from retina_dist.data.stream.buffers import release
+from retina_dist.data.stream.shard_reader import read_samples
+from retina_dist.data.synthetic.layouts import synth
 
 
 class LooseFiles(Dataset):

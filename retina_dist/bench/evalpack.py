@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from retina_dist.bench.common import table
 from retina_dist.data.pack import PackOptions, pack
 from retina_dist.data.sources import build_source
-from retina_dist.data.synth_layouts import synth
+from retina_dist.data.synthetic.layouts import synth
 
 
 def _eval_rank(
@@ -26,9 +26,9 @@ def _eval_rank(
     from retina_dist.config import Config
     from retina_dist.data.manifest import load_manifest, split_shards
     from retina_dist.data.stream import StreamSpec
+    from retina_dist.data.stream.feeder import DeviceInputs
     from retina_dist.dist import DistEnv
-    from retina_dist.engine.batch import Inputs
-    from retina_dist.engine.evaluate import predict
+    from retina_dist.engine.evaluate import Evaluator
     from retina_dist.models.backbone import create
     from retina_dist.tasks import build_task
 
@@ -40,10 +40,10 @@ def _eval_rank(
     spec = StreamSpec(tuple(split_shards(shards, m, "train")), 32, image_size)
     model = create(model_name, task.num_classes, 3)
     cfg = Config()
-    inputs = Inputs(cfg.data.mean, cfg.data.std, 3, torch.device("cpu"))
+    inputs = DeviceInputs(cfg.data.mean, cfg.data.std, 3, torch.device("cpu"))
     env = DistEnv(rank=rank, world_size=world)
     start = time.perf_counter()
-    predict(model, spec, env, inputs, task, workers=1)
+    Evaluator(model, env, inputs, task, workers=1).predict(spec)
     if rank == 0:
         out.put(spec.count / (time.perf_counter() - start))
     if world > 1:

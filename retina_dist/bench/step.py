@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from retina_dist.bench.common import table
 from retina_dist.config import Config
+from retina_dist.data.stream.feeder import DeviceInputs
 from retina_dist.dist import DistEnv
-from retina_dist.engine.batch import Inputs
 from retina_dist.engine.step import TrainStep
 from retina_dist.engine.strategy import DDPStrategy
 from retina_dist.engine.train import build_optimizer, warmup_cosine
@@ -92,7 +92,7 @@ def toolkit(
     opt = build_optimizer(model, 1e-4, 0.05)
     strategy = DDPStrategy(model, opt, warmup_cosine(opt, 1, 10**6, 0.01), env, device, amp)
     cfg = Config()
-    inputs = Inputs(cfg.data.mean, cfg.data.std, 3, device, channels_last)
+    inputs = DeviceInputs(cfg.data.mean, cfg.data.std, 3, device, channels_last)
     task = Task("multiclass", tuple("abcde"))
     strategy.model.train()
     batch_dict = {"image": x, "target": y}

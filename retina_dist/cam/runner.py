@@ -28,7 +28,7 @@ from retina_dist.cam import localisation, render
 from retina_dist.cam.targets import target_layer, vit_reshape
 from retina_dist.config import ConfigError
 from retina_dist.data.stream import make_loader
-from retina_dist.engine.batch import Inputs
+from retina_dist.data.stream.feeder import DeviceInputs
 from retina_dist.engine.evaluate import check_exact_once
 from retina_dist.engine.specs import eval_spec
 from retina_dist.models import DualEyeNet, LateFusionNet
@@ -154,7 +154,7 @@ def _run(
     preds = read_predictions(run.training.predictions(split), task.classes, task.multilabel)
     chosen = set(select(preds, how, limit, task.multilabel))
     spec = eval_spec(cfg, loaded.manifest, task, split, batch_size=16, with_masks=len(views) == 1)
-    inputs = Inputs(d.mean, d.std, d.in_chans, device)
+    inputs = DeviceInputs(d.mean, d.std, d.in_chans, device)
     out_dir = run.cam(split)
     if env.is_main and out_dir.exists():  # a fresh set: no overlay from an earlier selection lingers
         shutil.rmtree(out_dir)

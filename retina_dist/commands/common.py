@@ -68,10 +68,10 @@ def pack_if_missing(cfg: Config) -> None:
     """Pack the preset's dataset if its shards are missing: from ``data.src`` when given, else from
     the dataset's synthetic twin written in its real layout (no download needed)."""
     from retina_dist.config import ConfigError
-    from retina_dist.data.archive import resolve_src
     from retina_dist.data.manifest import MANIFEST
     from retina_dist.data.pack import PackOptions, pack
     from retina_dist.data.sources import SYNTHETIC, build_source
+    from retina_dist.data.sources.archive import resolve_src
 
     d = cfg.data
     out = Path(d.shards)
@@ -82,7 +82,7 @@ def pack_if_missing(cfg: Config) -> None:
         source = build_source(d.dataset, n=d.n, image_size=d.pack_size, seed=cfg.train.seed)
         pack(source, out, PackOptions(seed=cfg.train.seed), progress=progress)
         return
-    from retina_dist.data.synth_layouts import synth
+    from retina_dist.data.synthetic.layouts import synth
 
     extract = out.with_name(out.name + ".extracted")
     if d.src:

@@ -44,9 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from retina_dist.config import ConfigError
-    from retina_dist.data.archive import resolve_src
     from retina_dist.data.pack import PackOptions, pack
     from retina_dist.data.sources import SYNTHETIC, build_source
+    from retina_dist.data.sources.archive import resolve_src
 
     extract_dir = Path(args.extract_dir or Path(args.out) / ".extracted")
     if args.dataset in SYNTHETIC:

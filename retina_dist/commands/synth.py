@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retina_dist.data.synth_layouts import synth
+    from retina_dist.data.synthetic.layouts import synth
 
     print(
         synth(args.dataset, args.out, args.n, args.size, args.seed, args.version, args.archive, args.columns)

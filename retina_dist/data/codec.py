@@ -8,7 +8,11 @@ import cv2
 import numpy as np
 import simplejpeg
 
-cv2.setNumThreads(1)  # parallelism comes from loader workers; nested thread pools only contend
+
+def single_threaded() -> None:
+    """OpenCV without its own thread pool, for processes that decode in parallel with others (loader
+    and pack workers): parallelism comes from the processes, and nested pools only contend."""
+    cv2.setNumThreads(1)
 
 
 class CorruptImage(ValueError):

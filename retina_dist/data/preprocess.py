@@ -4,9 +4,9 @@ training."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
-from retina_dist.data.augment import prescale, prescale_factor
 from retina_dist.data.codec import fit_max_side
 
 
@@ -33,3 +33,22 @@ def view_unchanged(shape: tuple[int, ...], in_chans: int, image_size: int) -> bo
 def as_packed(image: np.ndarray, max_side: int) -> np.ndarray:
     """What packing did to an image before it reached a shard (``max_side`` from the manifest)."""
     return fit_max_side(image, max_side) if max_side else image
+
+
+def prescale_factor(h: int, w: int, size: int) -> int:
+    """The integer shrink ``prescale`` applies to an h x w image (below 2: none)."""
+    return min(h, w) // size
+
+
+def prescale(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """Shrink by the largest integer factor that keeps both sides >= ``size``, with OpenCV's fast
+    integer-factor area path: anti-aliased like INTER_AREA at a fraction of its cost, and no detail
+    below the training resolution is lost. The few rows/columns past a multiple of the factor go."""
+    h, w = image.shape[:2]
+    k = prescale_factor(h, w, size)
+    if k < 2:
+        return image
+    h2, w2 = h // k * k, w // k * k
+    return cv2.resize(
+        image[:h2, :w2], (w2 // k, h2 // k), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    )

@@ -21,9 +21,8 @@ from sklearn import metrics as skm
 from torch import nn
 
 from retina_dist import calibration, dist, figures, metrics
-from retina_dist.data.buffers import release
-from retina_dist.data.stream import StreamSpec, make_loader
-from retina_dist.engine.batch import Inputs, autocast
+from retina_dist.data.stream import DeviceFeeder, DeviceInputs, StreamSpec, make_loader
+from retina_dist.engine.amp import autocast
 from retina_dist.run.folder import Results, RunDir
 from retina_dist.tasks import Task
 
@@ -49,7 +48,7 @@ class Evaluator:
         self,
         module: nn.Module,
         env: dist.DistEnv,
-        inputs: Inputs,
+        inputs: DeviceInputs,
         task: Task,
         workers: int,
         amp: str = "none",
@@ -67,14 +66,13 @@ class Evaluator:
         module.eval()
         keys: list[str] = []
         targets, probs = [], []
-        for batch in make_loader(spec, self.env.rank, self.env.world_size, self.workers):
-            x, y = self.inputs(batch)
-            release(batch)
+        loader = make_loader(spec, self.env.rank, self.env.world_size, self.workers)
+        for x, y, batch_keys in DeviceFeeder(loader, self.inputs):
             with autocast(self.inputs.device, self.amp):
                 p = task.probabilities(module(x))
                 if self.tta:
                     p = (p + task.probabilities(module(x.flip(-1)))) / 2
-            keys += batch["key"]
+            keys += batch_keys
             targets.append(y.cpu())
             probs.append(p.float().cpu())
         module.train(was_training)
@@ -88,20 +86,6 @@ class Evaluator:
             torch.cat([p[1] for p in parts if len(p[1])]).numpy(),
             torch.cat([p[2] for p in parts if len(p[2])]).numpy(),
         )
-
-
-def predict(
-    module: nn.Module,
-    spec: StreamSpec,
-    env: dist.DistEnv,
-    inputs: Inputs,
-    task: Task,
-    workers: int,
-    amp: str = "none",
-    tta: bool = False,
-) -> Predictions | None:
-    """``Evaluator(...).predict(spec)`` in one call."""
-    return Evaluator(module, env, inputs, task, workers, amp, tta).predict(spec)
 
 
 def _cat(ts: list[torch.Tensor]) -> torch.Tensor:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from retina_dist import dist
-from retina_dist.engine.batch import Inputs
+from retina_dist.data.stream.feeder import DeviceInputs
 from retina_dist.engine.evaluate import Evaluator, report
 from retina_dist.engine.monitor import Monitor
 from retina_dist.engine.specs import eval_spec
@@ -29,7 +29,7 @@ def evaluate_run(
     try:
         device = dist.device_for(env)
         d = cfg.data
-        inputs = Inputs(d.mean, d.std, d.in_chans, device, cfg.model.channels_last)
+        inputs = DeviceInputs(d.mean, d.std, d.in_chans, device, cfg.model.channels_last)
         evaluator = Evaluator(
             loaded.model.to(device), env, inputs, task, d.workers, cfg.train.amp, cfg.eval.tta
         )

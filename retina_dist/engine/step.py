@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from retina_dist.engine.batch import autocast
+from retina_dist.engine.amp import autocast
 from retina_dist.engine.strategy import Strategy
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

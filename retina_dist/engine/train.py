@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
 import signal
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,10 +16,8 @@ from torch import nn
 
 from retina_dist import dist
 from retina_dist.config import Config, to_dict
-from retina_dist.data.buffers import release
 from retina_dist.data.manifest import DataError, load_manifest
-from retina_dist.data.stream import batches_per_rank, make_loader
-from retina_dist.engine.batch import Inputs
+from retina_dist.data.stream import DeviceFeeder, DeviceInputs, batches_per_rank, make_loader
 from retina_dist.engine.evaluate import Evaluator, report
 from retina_dist.engine.monitor import Monitor, setup_logging
 from retina_dist.engine.specs import eval_spec, train_spec
@@ -148,7 +146,7 @@ class Trainer:
         self.train_step = TrainStep(
             self.strategy, self.task.loss, cfg.train.accum_steps, cfg.train.amp, cfg.optim.max_grad_norm
         )
-        self.inputs = Inputs(d.mean, d.std, d.in_chans, self.device, cfg.model.channels_last)
+        self.inputs = DeviceInputs(d.mean, d.std, d.in_chans, self.device, cfg.model.channels_last)
         self.evaluator = Evaluator(
             self.strategy.module, self.env, self.inputs, self.task, d.workers, cfg.train.amp, cfg.eval.tta
         )
@@ -217,10 +215,11 @@ class Trainer:
             num_batches=self.batches,
             skip_batches=s.batches_done,
         )
-        batches = iter(loader)
+        feed = iter(DeviceFeeder(loader, self.inputs))
         self.strategy.model.train()
         while s.batches_done < self.batches:
-            out = self.train_step(self._on_device(batches, accum))
+            # islice takes exactly accum batches (zip with a range would pull, and lose, one more).
+            out = self.train_step((x, y) for x, y, _ in itertools.islice(feed, accum))
             s.step, s.batches_done = s.step + 1, s.batches_done + accum
             self._log(out)
             if self.agreement.poll(self.preemption.requested):
@@ -230,13 +229,6 @@ class Trainer:
                 return "stopped"
         # A signal in the epoch's last step is answered here, at a boundary every rank reaches.
         return "preempted" if self.agreement.drain() else "epoch"
-
-    def _on_device(self, batches: Iterator[dict], n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for _ in range(n):
-            batch = next(batches)
-            x, y = self.inputs(batch)
-            release(batch)  # its pixels are on the device: the loader worker may refill the buffer
-            yield x, y
 
     def _log(self, out: StepOutput) -> None:
         logged = self.monitor.step(

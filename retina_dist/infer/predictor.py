@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from retina_dist import calibration
-from retina_dist.data.augment import build_transform
 from retina_dist.data.codec import decode
 from retina_dist.data.preprocess import as_packed
 from retina_dist.data.preprocess import view as prepare_view
-from retina_dist.engine.batch import Inputs
+from retina_dist.data.stream.augment import build_transform
+from retina_dist.data.stream.feeder import DeviceInputs
 from retina_dist.models import DualEyeNet, LateFusionNet
 from retina_dist.run import load_run
 
@@ -41,7 +41,7 @@ class Predictor:
         self.tta = self.cfg.eval.tta if tta is None else tta
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
-        self.inputs = Inputs(d.mean, d.std, d.in_chans, self.device, self.cfg.model.channels_last)
+        self.inputs = DeviceInputs(d.mean, d.std, d.in_chans, self.device, self.cfg.model.channels_last)
         self.transform = build_transform(d.image_size, train=False, augment=False, colour=d.in_chans == 3)
         cal = self.run.read_calibration()
         self.temperature = float(cal.get("temperature", 1.0))

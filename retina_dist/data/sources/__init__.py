@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from retina_dist.data.record import Source
+from retina_dist.data.sources.record import Source
 
 REAL = ("aptos", "kermany", "octmnist", "odir", "rfmid", "fusion")
 SYNTHETIC = ("synthetic", "synthetic_oct")

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retina_dist.data.archive import extract
 from retina_dist.data.manifest import DataError
-from retina_dist.data.record import Item, Record, TaskSpec
+from retina_dist.data.sources.archive import extract
 from retina_dist.data.sources.common import Tally, as_int, find_first, images_in, read_bytes, read_csv
+from retina_dist.data.sources.record import Item, Record, TaskSpec
 
 CLASSES = ("no_dr", "mild", "moderate", "severe", "proliferative")
 

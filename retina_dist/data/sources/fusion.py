@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retina_dist.data.record import Item, Record, TaskSpec
 from retina_dist.data.sources.aptos import AptosSource
 from retina_dist.data.sources.common import read_bytes
 from retina_dist.data.sources.kermany import CLASSES as OCT_CLASSES
 from retina_dist.data.sources.kermany import KermanySource
+from retina_dist.data.sources.record import Item, Record, TaskSpec
 
 CLASSES = ("normal", "disease")
 CAVEAT = "virtual pairs: fundus (APTOS) and OCT (Kermany) come from different patients, paired by class"

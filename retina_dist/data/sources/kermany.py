@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retina_dist.data.manifest import DataError
-from retina_dist.data.record import Item, Record, TaskSpec
 from retina_dist.data.sources.common import Tally, read_bytes, search
+from retina_dist.data.sources.record import Item, Record, TaskSpec
 
 CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")
 NAME = re.compile(r"^(CNV|DME|DRUSEN|NORMAL)-(\d+)-(\d+)\.jpe?g$", re.IGNORECASE)

@@ -15,7 +15,7 @@ import numpy as np
 
 from retina_dist.data.codec import encode
 from retina_dist.data.manifest import DataError
-from retina_dist.data.record import Item, Record, TaskSpec
+from retina_dist.data.sources.record import Item, Record, TaskSpec
 
 CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")
 FILE = re.compile(r"^octmnist(?:_(64|128|224))?\.npz$")

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from retina_dist.data.manifest import DataError
-from retina_dist.data.record import Item, Record, TaskSpec
 from retina_dist.data.sources.common import Tally, as_int, read_bytes, read_csv, read_xlsx, search
+from retina_dist.data.sources.record import Item, Record, TaskSpec
 
 CLASSES = ("N", "D", "G", "C", "A", "H", "M", "O")
 COLUMNS = ["ID", "Left-Fundus", "Right-Fundus", *CLASSES]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retina_dist.data.manifest import DataError
-from retina_dist.data.record import Item, Record, TaskSpec
 from retina_dist.data.sources.common import Tally, as_int, images_in, read_bytes, read_csv, search
+from retina_dist.data.sources.record import Item, Record, TaskSpec
 
 NAMED = (
     "DR",

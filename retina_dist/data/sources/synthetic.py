@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retina_dist.data.codec import encode
-from retina_dist.data.record import Item, Record, TaskSpec
-from retina_dist.data.synthetic import MODALITIES, generate
+from retina_dist.data.sources.record import Item, Record, TaskSpec
+from retina_dist.data.synthetic.images import MODALITIES, generate
 
 
 @dataclass

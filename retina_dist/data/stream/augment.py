@@ -1,4 +1,8 @@
-"""Per-sample augmentation with albumentations (it applies one draw to the image and its lesion mask)."""
+"""Image transforms of the stream. ``FusedTrainAugment``: the training augmentation as one OpenCV
+warp (resize, flip, rotation, scale to the output size) and one 3x4 colour matrix, from draws a
+batch takes from one seeded generator (applied in the worker, or by ``augment_device`` on the
+accelerator). ``build_transform``: albumentations' resize for evaluation (and the PIL baseline of
+``bench data``), which applies the same resize to an image and its lesion mask."""
 
 from __future__ import annotations
 
@@ -28,25 +32,6 @@ def build_transform(image_size: int, train: bool, augment: bool, colour: bool) -
         if colour:
             ops.append(A.ColorJitter(brightness=0, contrast=0, saturation=0.15, hue=0.03, p=0.5))
     return A.Compose(ops, seed=0)
-
-
-def prescale_factor(h: int, w: int, size: int) -> int:
-    """The integer shrink ``prescale`` applies to an h x w image (below 2: none)."""
-    return min(h, w) // size
-
-
-def prescale(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
-    """Shrink by the largest integer factor that keeps both sides >= ``size``, with OpenCV's fast
-    integer-factor area path: anti-aliased like INTER_AREA at a fraction of its cost, and no detail
-    below the training resolution is lost. The few rows/columns past a multiple of the factor go."""
-    h, w = image.shape[:2]
-    k = prescale_factor(h, w, size)
-    if k < 2:
-        return image
-    h2, w2 = h // k * k, w // k * k
-    return cv2.resize(
-        image[:h2, :w2], (w2 // k, h2 // k), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
-    )
 
 
 # RGB -> YIQ (NTSC): hue is a rotation and saturation a scaling of the chroma plane (I, Q).

@@ -23,9 +23,10 @@ import numpy as np
 from tqdm import tqdm
 
 from retina_dist import atomic
+from retina_dist.data import codec
 from retina_dist.data.codec import CorruptImage, decode, encode, fit_max_side
 from retina_dist.data.manifest import MANIFEST, DataError, Manifest
-from retina_dist.data.record import Item, Source
+from retina_dist.data.sources.record import Item, Source
 
 STATE = ".pack-state.json"
 
@@ -108,6 +109,7 @@ def _prepare_images(images: dict[str, bytes], key: str, opts: PackOptions) -> di
 
 def write_shard(job: tuple[Source, str, str, list[Item], PackOptions, str]) -> ShardResult:
     source, out_dir, name, items, opts, split = job
+    codec.single_threaded()  # shards are written in parallel processes
     path = Path(out_dir) / name
     hist: Counter[str] = Counter()
     skipped: list[dict[str, str]] = []

@@ -21,7 +21,7 @@ import numpy as np
 
 from retina_dist.data.codec import encode
 from retina_dist.data.sources import kermany, odir, rfmid
-from retina_dist.data.synthetic import generate
+from retina_dist.data.synthetic.images import generate
 
 VERSIONS = {
     "aptos": ("kaggle",),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from retina_dist.data.buffers import BufferPool, Lease
+from retina_dist.data.stream.buffers import BufferPool, Lease
 
 
 class Canvas:

@@ -1,17 +1,22 @@
-"""Moving a loader batch onto the device: uint8 travels through the loader (4x less copying than
-float32) and is normalised on the device."""
+"""From loader batches to model inputs on the device (timm's PrefetchLoader pattern): the pixels go
+to the device as uint8 (4x less to copy than float32), the device augmentation runs there when the
+pipeline shipped a canvas, the batch is normalised, and its buffer is handed back to the loader
+worker. The engine sees only ``(x, y, keys)``: never a lease or an augmentation plan."""
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
-from retina_dist.data import augment_device
+from retina_dist.data.stream import augment_device
+from retina_dist.data.stream.buffers import release
 
 
-class Inputs:
+class DeviceInputs:
+    """uint8 batches -> normalised float on ``device`` (with the device augmentation when asked)."""
+
     def __init__(
         self,
         mean: list[float],
@@ -44,7 +49,15 @@ class Inputs:
         return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x.contiguous()
 
 
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+class DeviceFeeder:
+    """Iterates ``(x, y, keys)`` on the device over a loader's batches, releasing each buffer once
+    its pixels are there (the worker may then refill it)."""
+
+    def __init__(self, batches: Iterable[dict[str, Any]], inputs: DeviceInputs) -> None:
+        self.batches, self.inputs = batches, inputs
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        for batch in self.batches:
+            x, y = self.inputs(batch)
+            release(batch)
+            yield x, y, batch["key"]
