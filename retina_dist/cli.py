@@ -34,10 +34,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from retina_dist.config import ConfigError
+    from retina_dist.data import codec
     from retina_dist.data.manifest import DataError
     from retina_dist.run.checkpoints import ResumeError
 
     args = parse(argv)
+    codec.single_threaded()  # before any fork (loader workers, pack pools): see data/stream/loader.py
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return commands.load(args.command).run(args)

@@ -11,7 +11,8 @@ import simplejpeg
 
 def single_threaded() -> None:
     """OpenCV without its own thread pool, for processes that decode in parallel with others (loader
-    and pack workers): parallelism comes from the processes, and nested pools only contend."""
+    and pack workers): parallelism comes from the processes, and nested pools only contend. Call it
+    in a process before it forks workers, never first in a forked child."""
     cv2.setNumThreads(1)
 
 

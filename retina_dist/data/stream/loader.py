@@ -20,7 +20,6 @@ _exit_hook_registered = False
 
 def worker_init(worker_id: int) -> None:
     keep_freed_memory()
-    codec.single_threaded()
     # SLURM signals every process of a step (preemption: TERM then USR1). A worker killed by it makes
     # the main process raise before it can checkpoint; the main process decides when workers stop.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -57,10 +56,11 @@ def make_loader(
     num_batches: int = 0,
     skip_batches: int = 0,
 ) -> DataLoader:
+    # Before the fork, not in the worker: OpenCV's pool cannot be resized in a child forked from a
+    # parent whose pool had started (setNumThreads there waits forever on threads the fork dropped).
+    codec.single_threaded()
     if workers:
         _register_exit_hook()
-    else:
-        codec.single_threaded()  # decoding in this process: the same OpenCV setting as a worker's
     ds = ShardStream(spec, rank, world_size, epoch, num_batches, skip_batches)
     return DataLoader(
         ds,
