@@ -18,8 +18,10 @@ HEADLINE = (
     "micro_f1",
     "ece",
     "ece_calibrated",
-    "odir_score",
-    "riadd_score",
+    "odir_final",
+    "riadd_risk_auroc",
+    "riadd_multilabel",
+    "riadd_final",
     "macro_f1_tuned",
     "micro_f1_tuned",
 )

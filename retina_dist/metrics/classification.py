@@ -1,4 +1,5 @@
-"""Metrics on gathered predictions, computed once on rank 0 with scikit-learn."""
+"""Metrics on gathered predictions, computed once on rank 0 with scikit-learn. A macro mean over
+classes leaves out the classes where its term is undefined; ``excluded`` names them and says why."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
+
+from retina_dist.metrics import challenges
 
 
 def _auroc(y: np.ndarray, p: np.ndarray) -> float | None:
@@ -26,6 +29,7 @@ def multiclass(target: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) 
         "per_class_f1": {c: float(v) for c, v in zip(classes, f1, strict=True)},
         "auroc_ovr": auc,
         "macro_auroc": float(np.mean(defined)) if defined else None,
+        "excluded": {"macro_auroc": _left_out(np.eye(len(classes), dtype=int)[target], classes, auroc=True)},
         "qwk": float(skm.cohen_kappa_score(target, pred, labels=labels, weights="quadratic")),
         "ece": expected_calibration_error(probs.max(1), (pred == target).astype(float)),
         "confusion_matrix": skm.confusion_matrix(target, pred, labels=labels).tolist(),
@@ -35,7 +39,9 @@ def multiclass(target: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) 
 def multilabel(
     target: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], threshold: float = 0.5
 ) -> dict[str, Any]:
-    pred = (probs >= threshold).astype(int)
+    """Per-label and pooled scores at ``probs > threshold`` (strictly, as ODIR's official scorer
+    thresholds), plus the challenge's own scores when ``classes`` are ODIR's or RFMiD's."""
+    pred = (probs > threshold).astype(int)
     target = target.astype(int)
     f1 = skm.f1_score(target, pred, average=None, zero_division=0)
     auc = {c: _auroc(target[:, i], probs[:, i]) for i, c in enumerate(classes)}
@@ -45,13 +51,8 @@ def multilabel(
         for i in range(len(classes))
         if target[:, i].any()
     ]
-    flat_t, flat_p, flat_pred = target.ravel(), probs.ravel(), pred.ravel()
-    # ODIR-5K challenge score: kappa, F1 and AUC over all (sample, label) pairs at the 0.5 threshold
-    odir_parts = [
-        float(skm.cohen_kappa_score(flat_t, flat_pred)),
-        float(skm.f1_score(flat_t, flat_pred, average="micro", zero_division=0)),
-        _auroc(flat_t, flat_p) or 0.0,
-    ]
+    flat_t, flat_p = target.ravel(), probs.ravel()
+    challenge = challenges.challenge_scores(target, probs, classes)
     out = {
         "n": int(len(target)),
         "micro_f1": float(skm.f1_score(target, pred, average="micro", zero_division=0)),
@@ -60,15 +61,26 @@ def multilabel(
         "auroc": auc,
         "macro_auroc": float(np.mean(defined)) if defined else None,
         "mAP": float(np.mean(ap)) if ap else None,
-        "odir_score": float(np.mean(odir_parts)),
-        "odir_kappa_f1_auc": odir_parts,
         "ece": expected_calibration_error(flat_p, flat_t.astype(float)),
+        **{k: v for k, v in challenge.items() if k not in ("undefined", "excluded")},
+        "excluded": {
+            "macro_auroc": _left_out(target, classes, auroc=True),
+            "mAP": _left_out(target, classes, auroc=False),
+            **challenge["excluded"],
+        },
+        "undefined": challenge["undefined"],
     }
-    macro_auroc, m_ap = out["macro_auroc"], out["mAP"]
-    if isinstance(macro_auroc, float) and isinstance(m_ap, float):
-        out["riadd_score"] = (macro_auroc + m_ap) / 2  # RIADD: mean(macro AUROC, mAP)
-    if "Disease_Risk" in classes:
-        out["disease_risk_auroc"] = auc["Disease_Risk"]
+    return out
+
+
+def _left_out(onehot: np.ndarray, classes: tuple[str, ...], auroc: bool) -> dict[str, str]:
+    """The classes a macro mean leaves out, and why: AUROC needs both a positive and a negative,
+    average precision a positive."""
+    out = {}
+    for i, c in enumerate(classes):
+        why = challenges.one_class_reason(onehot[:, i])
+        if why and (auroc or why.startswith("no positive")):
+            out[c] = why
     return out
 
 
