@@ -68,7 +68,7 @@ def test_stream_canvas_holds_each_decoded_frame_and_warps_like_the_workers(mixed
         tuple(split_shards(mixed_shards, load_manifest(mixed_shards), "train")), 8, 40, train=True
     )
     frames = {
-        s["__key__"].split("/")[-1]: decode(s["img.jpg"], bgr=True)
+        s["__key__"].split("/")[-1]: decode(s["jpg"], bgr=True)
         for s in read_samples([p for p, _ in base.shards])
     }
     assert {f.shape[:2] for f in frames.values()} == {(48, 64), (64, 48), (32, 64), (64, 64)}

@@ -25,7 +25,8 @@ def test_shards_are_real_tars_matching_the_manifest(shards):
                 names = tar.getnames()
             keys = {n.split(".", 1)[0] for n in names}
             assert len(keys) == sh.count
-            assert all(n.endswith((".img.jpg", ".mask.png", ".json")) for n in names)
+            assert all(n.endswith((".jpg", ".mask.png", ".json", ".cls")) for n in names)
+            assert not any(n.endswith(".img.jpg") for n in names)
         # webdataset reads the same samples back
         ds = wds.WebDataset(
             [str(shards / s.name) for s in info.shards],
@@ -34,7 +35,8 @@ def test_shards_are_real_tars_matching_the_manifest(shards):
         )
         samples = list(ds)
         assert len(samples) == info.count
-        assert {"img.jpg", "mask.png", "json"} <= set(samples[0])
+        assert {"jpg", "mask.png", "json", "cls"} <= set(samples[0])
+        assert int(samples[0]["cls"]) == json.loads(samples[0]["json"])["label"]
     assert verify(shards) == {s: {"count": v.count, "shards": len(v.shards)} for s, v in m.splits.items()}
 
 
@@ -116,7 +118,7 @@ def test_max_side_shrinks_at_pack_time(tmp_path):
     sample = next(
         iter(wds.WebDataset(str(tmp_path / name), shardshuffle=False, nodesplitter=wds.split_by_node))
     )
-    assert decode(sample["img.jpg"]).shape == (40, 40, 3)
+    assert decode(sample["jpg"]).shape == (40, 40, 3)
     assert decode(sample["mask.png"]).shape == (40, 40)
 
 

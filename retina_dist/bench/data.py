@@ -20,6 +20,7 @@ from retina_dist.bench.common import cycle, rate, table, worker_counts
 from retina_dist.data.codec import decode
 from retina_dist.data.manifest import load_manifest, split_shards
 from retina_dist.data.pack import PackOptions, pack
+from retina_dist.data.sample_format import image_member
 from retina_dist.data.sources import build_source
 from retina_dist.data.stream import StreamSpec, augment_device, make_loader, worker_init
 from retina_dist.data.stream.augment import build_transform
@@ -58,7 +59,7 @@ class BareDecode(IterableDataset):
         done = 0
         while True:
             for sample in read_samples(mine):
-                image = next(v for k, v in sample.items() if k.startswith("img."))
+                image = sample[image_member(sample, "img", True)]
                 decode(image, bgr=True)  # the stream's call
                 done += 1
                 if done == self.batch:

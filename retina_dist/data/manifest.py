@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from retina_dist.data import remote
+from retina_dist.data.errors import DataError
 
 MANIFEST = "manifest.json"
+INFO = "_info.json"  # timm's WebDataset reader's split table, written beside the manifest
+OURS = "json:label"  # the label inside the sidecar JSON `pack` writes
 
-
-class DataError(RuntimeError):
-    """A packed dataset that does not match its manifest, or a split that cannot be read."""
+__all__ = ["INFO", "MANIFEST", "DataError", "Manifest", "ShardInfo", "SplitInfo"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class Manifest:
     options: dict[str, Any] = field(default_factory=dict)
     source_report: dict[str, Any] = field(default_factory=dict)
     patient_overlap: dict[str, int] = field(default_factory=dict)
+    # Where a sample's label and patient are: ``json:FIELD`` (a field of the sidecar JSON) or an
+    # extension such as ``cls``. Shards `pack` wrote use the defaults; `index` records a foreign set's.
+    label_key: str = OURS
+    patient_key: str = "json:patient"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -63,6 +70,8 @@ class Manifest:
             options=dict(d.get("options", {})),
             source_report=dict(d.get("source_report", {})),
             patient_overlap=dict(d.get("patient_overlap", {})),
+            label_key=str(d.get("label_key", OURS)),
+            patient_key=str(d.get("patient_key", "json:patient")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,15 +86,25 @@ class Manifest:
 
 
 def load_manifest(shards_dir: str | Path) -> Manifest:
+    """The manifest of a local folder or of a URL base (fetched once, here)."""
+    if remote.is_remote(shards_dir):
+        return parse_manifest(remote.fetch(remote.join(shards_dir, MANIFEST)).decode("utf-8"), shards_dir)
     return read_manifest(Path(shards_dir) / MANIFEST)
 
 
 def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no manifest; pack the dataset first (retina-dist pack …)")
+        raise DataError(
+            f"{path}: no manifest; pack the dataset first (retina-dist pack …), or index shards "
+            "another tool wrote (retina-dist index …)"
+        )
+    return parse_manifest(path.read_text(), path)
+
+
+def parse_manifest(text: str, path: str | Path) -> Manifest:
     try:
-        return Manifest.from_dict(json.loads(path.read_text()))
+        return Manifest.from_dict(json.loads(text))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from err
     except (KeyError, TypeError, ValueError) as err:
@@ -103,40 +122,60 @@ def split_shards(shards_dir: str | Path, manifest: Manifest, split: str) -> list
         raise DataError(f"{Path(shards_dir) / MANIFEST}: split {split!r} is empty (0 samples)")
     out = []
     for sh in info.shards:
-        path = Path(shards_dir) / sh.name
-        if not path.exists():
+        path = remote.join(shards_dir, sh.name)
+        if not remote.is_remote(path) and not Path(path).exists():
             raise DataError(f"{path}: shard listed in the manifest is missing")
-        out.append((str(path), sh.count))
+        out.append((path, sh.count))
     return out
 
 
+def _sha256(fh: IO[bytes]) -> str:
+    h = hashlib.sha256()
+    while chunk := fh.read(1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
 def verify(shards_dir: str | Path) -> dict[str, Any]:
-    """Re-read every shard: sample count and sha256 against the manifest. Raises DataError on mismatch."""
-    from retina_dist.data.pack import sha256_file
+    """Re-read every shard: sample count and sha256 against the manifest. Raises DataError on
+    mismatch. Says when the shards predate the layout other tools read (and how to repack)."""
+    from retina_dist.data.stream.shard_reader import read_samples
 
     manifest = load_manifest(shards_dir)
     report: dict[str, Any] = {}
     problems = []
+    legacy = 0
     for split, info in manifest.splits.items():
         total = 0
         for sh in info.shards:
-            path = Path(shards_dir) / sh.name
-            if not path.exists():
-                problems.append(f"{path}: missing")
+            path = remote.join(shards_dir, sh.name)
+            try:
+                with remote.open_shard(path) as fh:
+                    digest = _sha256(fh)
+            except DataError as err:
+                problems.append(str(err))
                 continue
-            digest = sha256_file(path)
-            if digest != sh.sha256:
+            if sh.sha256 and digest != sh.sha256:
                 problems.append(f"{path}: sha256 {digest[:12]}… != manifest {sh.sha256[:12]}…")
             try:
-                with tarfile.open(path) as tar:
-                    keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
-            except tarfile.TarError as err:
-                problems.append(f"{path}: not a readable tar ({str(err).splitlines()[0]})")
+                samples = list(read_samples([path]))
+            except DataError as err:
+                problems.append(str(err))
                 continue
-            if len(keys) != sh.count:
-                problems.append(f"{path}: {len(keys)} samples != manifest {sh.count}")
-            total += len(keys)
+            if len(samples) != sh.count:
+                problems.append(f"{path}: {len(samples)} samples != manifest {sh.count}")
+            legacy += sum(1 for s in samples if any(k.startswith("img.") for k in s))
+            total += len(samples)
         report[split] = {"count": total, "shards": len(info.shards)}
     if problems:
         raise DataError("verify failed:\n  " + "\n  ".join(problems))
+    if legacy:
+        report["note"] = (
+            f"{legacy} samples store their image as img.<ext> (packed by an earlier retina-dist): "
+            "this stream reads them, timm and webdataset pipelines look for <key>.jpg/.png and "
+            "<key>.cls. To make them readable there, pack again into a new folder "
+            "(retina-dist pack … --out NEW)."
+        )
+    elif not remote.is_remote(shards_dir) and not (Path(shards_dir) / INFO).exists():
+        report["note"] = f"no {INFO}: timm's wds reader needs it (pack writes it; index writes it too)"
     return report

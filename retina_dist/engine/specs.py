@@ -33,6 +33,8 @@ def train_spec(cfg: Config, manifest: Manifest, task: Task, device: torch.device
         shuffle_buffer=d.shuffle_buffer,
         multilabel=task.multilabel,
         views=manifest.views,
+        label_key=manifest.label_key,
+        classes=task.classes,
         repeat=repeat,
         augment_on_device=d.augment_on == "device" or (d.augment_on == "auto" and device.type == "cuda"),
     )
@@ -55,5 +57,7 @@ def eval_spec(
         seed=cfg.train.seed,
         multilabel=task.multilabel,
         views=manifest.views,
+        label_key=manifest.label_key,
+        classes=task.classes,
         with_masks=with_masks,
     )

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from retina_dist import atomic
 from retina_dist.data import codec
 from retina_dist.data.codec import CorruptImage, decode, encode, fit_max_side
-from retina_dist.data.manifest import MANIFEST, DataError, Manifest
+from retina_dist.data.manifest import INFO, MANIFEST, DataError, Manifest
 from retina_dist.data.sources.record import Item, Source
 
 STATE = ".pack-state.json"
@@ -107,6 +107,16 @@ def _prepare_images(images: dict[str, bytes], key: str, opts: PackOptions) -> di
     return out
 
 
+def member_ext(name: str, single: bool) -> str:
+    """A single-image sample's image under the bare extension (``<key>.jpg``), as timm and
+    webdataset pipelines look for it; multi-view samples keep their view names (``left.jpg``)."""
+    if single and name.startswith("img."):
+        return name[4:]
+    if single and name.startswith("orig.img."):
+        return "orig." + name[9:]
+    return name
+
+
 def write_shard(job: tuple[Source, str, str, list[Item], PackOptions, str]) -> ShardResult:
     source, out_dir, name, items, opts, split = job
     codec.single_threaded()  # shards are written in parallel processes
@@ -114,6 +124,7 @@ def write_shard(job: tuple[Source, str, str, list[Item], PackOptions, str]) -> S
     hist: Counter[str] = Counter()
     skipped: list[dict[str, str]] = []
     count = 0
+    single = tuple(getattr(source, "views", ("img",))) == ("img",)
 
     def fill(fh: IO[bytes]) -> None:
         nonlocal count
@@ -127,7 +138,9 @@ def write_shard(job: tuple[Source, str, str, list[Item], PackOptions, str]) -> S
                     continue
                 meta = {"key": rec.key, "patient": rec.patient, "label": rec.label, "meta": rec.meta}
                 for ext, data in images.items():
-                    _tar_add(tar, f"{rec.key}.{ext}", data)
+                    _tar_add(tar, f"{rec.key}.{member_ext(ext, single)}", data)
+                if isinstance(rec.label, int):  # the class index, as timm's reader and `.cls` users expect
+                    _tar_add(tar, f"{rec.key}.cls", str(rec.label).encode())
                 _tar_add(tar, f"{rec.key}.json", json.dumps(meta).encode())
                 hist[json.dumps(rec.label)] += 1
                 count += 1
@@ -190,6 +203,7 @@ def pack(
 
     manifest = _manifest(source, jobs, done, splits, options)
     atomic.write_json(out / MANIFEST, manifest)
+    atomic.write_json(out / INFO, timm_info(Manifest.from_dict(manifest)))
     skipped = sum(len(s["skipped"]) for s in manifest["splits"].values())
     if skipped > opts.max_corrupt_frac * len(items):
         raise DataError(
@@ -198,6 +212,23 @@ def pack(
             + "; ".join(s["reason"] for sp in manifest["splits"].values() for s in sp["skipped"][:3])
         )
     return Manifest.from_dict(manifest)
+
+
+def timm_info(manifest: Manifest) -> dict[str, Any]:
+    """``_info.json`` in timm's schema (``timm/data/readers/reader_wds.py``): ``--dataset wds/NAME
+    --data-dir FOLDER`` then reads each split with its sample count."""
+    return {
+        "name": manifest.dataset,
+        "splits": {
+            split: {
+                "name": split,
+                "num_samples": info.count,
+                "filenames": [sh.name for sh in info.shards],
+                "shard_lengths": [sh.count for sh in info.shards],
+            }
+            for split, info in manifest.splits.items()
+        },
+    }
 
 
 def _describe(source: Source) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch
 from retina_dist.data.codec import CorruptImage, decode, jpeg_shape
 from retina_dist.data.preprocess import prescale, view_unchanged
 from retina_dist.data.preprocess import view as prepare_view
+from retina_dist.data.sample_format import field, image_member, label
 from retina_dist.data.stream.augment import FusedTrainAugment, build_transform
 from retina_dist.data.stream.buffers import BufferPool, Lease
 from retina_dist.data.stream.canvas import Canvas
@@ -110,10 +111,14 @@ class Assembler:
     def _load(self, raw: dict[str, Any]) -> Loaded | None:
         spec, key = self.spec, raw["__key__"]
         try:
-            meta = json.loads(raw["json"])
+            parsed = json.loads(raw["json"]) if "json" in raw else None
+            value = field(raw, spec.label_key, parsed)
+            target = label(value, spec.classes, spec.multilabel) if spec.classes else value
+            meta = {"key": key, "label": target}
             images = []
+            single = len(spec.views) == 1
             for v, view in enumerate(spec.views):
-                name = next(k for k in raw if k.startswith(f"{view}."))
+                name = image_member(raw, view, single)
                 images.append(self._view(v, raw[name], f"{raw['__url__']}:{key}.{name}"))
             mask = (
                 prescale(decode(raw["mask.png"], f"{key}.mask.png"), spec.image_size, nearest=True)

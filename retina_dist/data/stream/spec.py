@@ -22,6 +22,8 @@ class StreamSpec:
     # Training augmentation on the accelerator (``augment_device.apply``): workers ship decoded frames
     # on a canvas with each image's geometry and colour matrices instead of warped pixels.
     augment_on_device: bool = False
+    label_key: str = "json:label"  # where the label is (manifest ``label_key``): json:FIELD or an extension
+    classes: tuple[str, ...] = ()  # the task's classes: maps class names to indices (empty: labels as stored)
 
     @property
     def count(self) -> int:
