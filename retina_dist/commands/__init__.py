@@ -17,6 +17,7 @@ NAMES = (
     "pack",
     "synth",
     "verify",
+    "index",
     "predict",
     "export",
     "serve",

@@ -15,7 +15,7 @@ MANIFEST = "manifest.json"
 INFO = "_info.json"  # timm's WebDataset reader's split table, written beside the manifest
 OURS = "json:label"  # the label inside the sidecar JSON `pack` writes
 
-__all__ = ["INFO", "MANIFEST", "DataError", "Manifest", "ShardInfo", "SplitInfo"]
+__all__ = ["INFO", "MANIFEST", "DataError", "Manifest", "ShardInfo", "SplitInfo", "timm_info"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,23 @@ class Manifest:
     def max_side(self) -> int:
         """The longest side images were shrunk to at pack time (0: kept as they were)."""
         return int(self.options.get("max_side", 0) or 0)
+
+
+def timm_info(manifest: Manifest) -> dict[str, Any]:
+    """``_info.json`` in timm's schema (``timm/data/readers/reader_wds.py``): ``--dataset wds/NAME
+    --data-dir FOLDER`` then reads each split with its sample count."""
+    return {
+        "name": manifest.dataset,
+        "splits": {
+            split: {
+                "name": split,
+                "num_samples": info.count,
+                "filenames": [sh.name for sh in info.shards],
+                "shard_lengths": [sh.count for sh in info.shards],
+            }
+            for split, info in manifest.splits.items()
+        },
+    }
 
 
 def load_manifest(shards_dir: str | Path) -> Manifest:

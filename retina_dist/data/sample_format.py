@@ -70,6 +70,11 @@ def label(value: Any, classes: tuple[str, ...], multilabel: bool) -> int | list[
     return hot
 
 
+def label_of(value: Any, classes: tuple[str, ...], multilabel: bool) -> Any:
+    """``label`` when the task's classes are known, else the value as stored (pack's own labels)."""
+    return label(value, classes, multilabel) if classes else value
+
+
 def check_key(key: str) -> str:
     if not (key.startswith("json:") and len(key) > 5) and (not key or "." in key or ":" in key):
         raise DataError(f"label/patient key {key!r}: use json:FIELD or an extension such as cls")

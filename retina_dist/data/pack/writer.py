@@ -25,7 +25,7 @@ from tqdm import tqdm
 from retina_dist import atomic
 from retina_dist.data import codec
 from retina_dist.data.codec import CorruptImage, decode, encode, fit_max_side
-from retina_dist.data.manifest import INFO, MANIFEST, DataError, Manifest
+from retina_dist.data.manifest import INFO, MANIFEST, DataError, Manifest, timm_info
 from retina_dist.data.sources.record import Item, Source
 
 STATE = ".pack-state.json"
@@ -212,23 +212,6 @@ def pack(
             + "; ".join(s["reason"] for sp in manifest["splits"].values() for s in sp["skipped"][:3])
         )
     return Manifest.from_dict(manifest)
-
-
-def timm_info(manifest: Manifest) -> dict[str, Any]:
-    """``_info.json`` in timm's schema (``timm/data/readers/reader_wds.py``): ``--dataset wds/NAME
-    --data-dir FOLDER`` then reads each split with its sample count."""
-    return {
-        "name": manifest.dataset,
-        "splits": {
-            split: {
-                "name": split,
-                "num_samples": info.count,
-                "filenames": [sh.name for sh in info.shards],
-                "shard_lengths": [sh.count for sh in info.shards],
-            }
-            for split, info in manifest.splits.items()
-        },
-    }
 
 
 def _describe(source: Source) -> dict[str, Any]:

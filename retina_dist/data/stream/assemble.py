@@ -25,7 +25,7 @@ import torch
 from retina_dist.data.codec import CorruptImage, decode, jpeg_shape
 from retina_dist.data.preprocess import prescale, view_unchanged
 from retina_dist.data.preprocess import view as prepare_view
-from retina_dist.data.sample_format import field, image_member, label
+from retina_dist.data.sample_format import field, image_member, label_of
 from retina_dist.data.stream.augment import FusedTrainAugment, build_transform
 from retina_dist.data.stream.buffers import BufferPool, Lease
 from retina_dist.data.stream.canvas import Canvas
@@ -113,8 +113,7 @@ class Assembler:
         try:
             parsed = json.loads(raw["json"]) if "json" in raw else None
             value = field(raw, spec.label_key, parsed)
-            target = label(value, spec.classes, spec.multilabel) if spec.classes else value
-            meta = {"key": key, "label": target}
+            meta = {"key": key, "label": label_of(value, spec.classes, spec.multilabel)}
             images = []
             single = len(spec.views) == 1
             for v, view in enumerate(spec.views):

@@ -11,13 +11,13 @@ Evaluation: shards are dealt round-robin to (rank, worker), each read once, in o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from retina_dist.data.sample_format import field, label_of
 from retina_dist.data.stream.shard_reader import read_samples
 from retina_dist.data.stream.spec import StreamSpec
 
@@ -60,7 +60,7 @@ def train_samples(spec: StreamSpec, epoch: int, gw: int, total: int) -> Iterator
         if not by_shard:
             stream = (s for i, s in enumerate(stream) if i % total == gw)
         if spec.repeat:
-            stream = _repeated(stream, spec.repeat, np.random.default_rng([spec.seed, epoch, gw, cycle, 1]))
+            stream = _repeated(stream, spec, np.random.default_rng([spec.seed, epoch, gw, cycle, 1]))
         yield from _shuffled(stream, spec.shuffle_buffer, rng)
         cycle += 1
 
@@ -102,14 +102,17 @@ def repeat_factors(
     return tuple(float(max(1.0, np.sqrt(t / f))) if f > 0 else 1.0 for f in freq)
 
 
-def _repeated(
-    samples: Iterator[dict], factors: tuple[float, ...], rng: np.random.Generator
-) -> Iterator[dict]:
+def _repeated(samples: Iterator[dict], spec: StreamSpec, rng: np.random.Generator) -> Iterator[dict]:
     """Each raw sample floor(r) times plus once more with probability frac(r); r from its label (the
     largest factor of its positive classes when multi-label). The label is read from the sample's
     small JSON, never by decoding the image."""
+    factors = spec.repeat
     for s in samples:
-        label = json.loads(s["json"])["label"]
+        try:
+            label = _label(s, spec)
+        except (KeyError, ValueError):
+            yield s  # the assembler skips and counts it
+            continue
         if isinstance(label, list):
             r = max([factors[i] for i, v in enumerate(label) if v] or [1.0])
         else:
@@ -117,3 +120,7 @@ def _repeated(
         n = int(r) + int(rng.random() < r - int(r))
         for _ in range(n):
             yield s
+
+
+def _label(s: dict[str, Any], spec: StreamSpec) -> int | list[float]:
+    return label_of(field(s, spec.label_key), spec.classes, spec.multilabel)

@@ -13,7 +13,7 @@ A shard is a local path, an ``http(s)://`` URL or a ``pipe:`` command (``remote.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import IO, Any
 
 from retina_dist.data.manifest import DataError
 from retina_dist.data.remote import open_shard
@@ -32,40 +32,45 @@ def read_samples(paths: Iterable[str]) -> Iterator[dict[str, Any]]:
 
 
 def _shard(path: str) -> Iterator[dict[str, Any]]:
-    sample: dict[str, Any] | None = None
     with open_shard(path) as fh:
-        offset = 0
-        pending: dict[str, str] = {}  # pax / GNU long-name overrides for the next member
-        while True:
-            header = fh.read(BLOCK)
-            if header == _END:
-                break
-            if len(header) < BLOCK:
-                raise DataError(f"{path}: truncated at byte {offset}: no end-of-archive marker")
-            kind, name, size = _header(header, path, offset)
-            size = int(pending.get("size", size))
-            data = fh.read(size)
-            if len(data) < size:
-                raise DataError(f"{path}: truncated in member {name!r} (header at byte {offset})")
-            fh.read(-size % BLOCK)
-            here, offset = offset, offset + BLOCK + size + -size % BLOCK
-            if kind in _PAX:
-                if kind == b"x":  # a global header (g) sets defaults nobody relies on for names
-                    pending = _pax_records(data, path, here)
-                continue
-            if kind == b"L":
-                pending = {"path": data.rstrip(b"\0").decode("utf-8")}
-                continue
-            name, pending = pending.get("path", name), {}
-            if kind in _SKIPPED:
-                continue
-            key, ext = _split(name, path, here)
-            if sample is not None and sample["__key__"] != key:
-                yield sample
-                sample = None
-            if sample is None:
-                sample = {"__key__": key, "__url__": path}
-            sample[ext] = data
+        yield from read_file(fh, path)
+
+
+def read_file(fh: IO[bytes], path: str) -> Iterator[dict[str, Any]]:
+    """The samples of one open shard; ``path`` names it in errors and in ``__url__``."""
+    sample: dict[str, Any] | None = None
+    offset = 0
+    pending: dict[str, str] = {}  # pax / GNU long-name overrides for the next member
+    while True:
+        header = fh.read(BLOCK)
+        if header == _END:
+            break
+        if len(header) < BLOCK:
+            raise DataError(f"{path}: truncated at byte {offset}: no end-of-archive marker")
+        kind, name, size = _header(header, path, offset)
+        size = int(pending.get("size", size))
+        data = fh.read(size)
+        if len(data) < size:
+            raise DataError(f"{path}: truncated in member {name!r} (header at byte {offset})")
+        fh.read(-size % BLOCK)
+        here, offset = offset, offset + BLOCK + size + -size % BLOCK
+        if kind in _PAX:
+            if kind == b"x":  # a global header (g) sets defaults nobody relies on for names
+                pending = _pax_records(data, path, here)
+            continue
+        if kind == b"L":
+            pending = {"path": data.rstrip(b"\0").decode("utf-8")}
+            continue
+        name, pending = pending.get("path", name), {}
+        if kind in _SKIPPED:
+            continue
+        key, ext = _split(name, path, here)
+        if sample is not None and sample["__key__"] != key:
+            yield sample
+            sample = None
+        if sample is None:
+            sample = {"__key__": key, "__url__": path}
+        sample[ext] = data
     if sample is not None:
         yield sample
 
