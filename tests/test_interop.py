@@ -256,6 +256,20 @@ def test_remote_shards_are_retried_then_read_like_local_ones(packed, server):
     assert all(np.array_equal(a[2], b[2]) for a, b in zip(remote, local, strict=True))
     assert handler.hits[f"/{first}"] == 3  # two 503s, then the shard
 
+    handler.failures[f"/{first}"] = 1
+    run = packed.parent / "remote-run"
+    run_cli(
+        "train",
+        "--run-dir",
+        str(run),
+        f"data.shards={base}",
+        *TINY,
+        "train.epochs=1",
+        env={"RETINA_DIST_FETCH_BACKOFF_S": "0.01"},
+    )
+    assert json.loads((run / "metrics.json").read_text())["val"]["n"] == manifest.splits["val"].count
+    assert handler.hits[f"/{first}"] == 5  # retried once more, in the training's evaluation
+
     listed = [s.name for s in manifest.splits["train"].shards]
     pattern = f"{base}/train-{{{listed[0][6:12]}..{listed[-1][6:12]}}}.tar"
     done = run_cli(

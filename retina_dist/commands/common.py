@@ -68,6 +68,7 @@ def pack_if_missing(cfg: Config) -> None:
     """Pack the preset's dataset if its shards are missing: from ``data.src`` when given, else from
     the dataset's synthetic twin written in its real layout (no download needed)."""
     from retina_dist.config import ConfigError
+    from retina_dist.data import remote
     from retina_dist.data.manifest import MANIFEST
     from retina_dist.data.pack import PackOptions, pack
     from retina_dist.data.sources import SYNTHETIC, build_source
@@ -75,8 +76,8 @@ def pack_if_missing(cfg: Config) -> None:
 
     d = cfg.data
     out = Path(d.shards)
-    if (out / MANIFEST).exists():
-        return
+    if remote.is_remote(d.shards) or (out / MANIFEST).exists():
+        return  # a URL base is read as it is, never packed into
     progress = sys.stderr.isatty()
     if d.dataset in SYNTHETIC:
         source = build_source(d.dataset, n=d.n, image_size=d.pack_size, seed=cfg.train.seed)
