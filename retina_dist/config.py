@@ -73,9 +73,15 @@ class ModelConfig:
     fundus_name: str = "resnet18"
     oct_encoder: str = ""
     oct_name: str = "resnet18"
+    # ViTs: "" keeps the model's default; avg pools the patch tokens (cls excluded) through fc_norm,
+    # RETFound's head; token takes the cls token.
+    global_pool: str = ""
+    # Train the classifier head alone on a frozen encoder (RETFound's linear-probing protocol).
+    freeze_backbone: bool = False
 
     def __post_init__(self) -> None:
         _choice("model.arch", self.arch, ("single", "dual_eye", "late_fusion"))
+        _choice("model.global_pool", self.global_pool, ("", "token", "avg"))
 
 
 @dataclass

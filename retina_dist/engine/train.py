@@ -24,6 +24,7 @@ from retina_dist.engine.specs import eval_spec, train_spec
 from retina_dist.engine.step import StepOutput, TrainStep
 from retina_dist.engine.strategy import build_strategy
 from retina_dist.models import backbone_parameters, build_model
+from retina_dist.models.pretrained import LoadReport
 from retina_dist.run.checkpoints import ResumeError
 from retina_dist.run.folder import RunDir
 from retina_dist.tasks import Task, build_task
@@ -137,7 +138,10 @@ class Trainer:
         self.steps_per_epoch = self.batches // cfg.train.accum_steps
         total = self.steps_per_epoch * cfg.train.epochs
 
-        model = build_model(cfg.model, self.task.num_classes, d.in_chans)
+        reports: list[LoadReport] = []
+        model = build_model(cfg.model, self.task.num_classes, d.in_chans, d.image_size, reports)
+        if reports and self.env.is_main:
+            self.run.write_pretrained_report([r.to_dict() for r in reports])
         optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.backbone_lr_mult)
         scheduler = warmup_cosine(
             optimizer, round(cfg.optim.warmup_epochs * self.steps_per_epoch), total, cfg.optim.min_lr_ratio

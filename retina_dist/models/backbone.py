@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,75 +11,79 @@ import torch
 from torch import nn
 
 from retina_dist.config import ConfigError
+from retina_dist.models.pretrained import LoadReport, fit, read_file
+
+log = logging.getLogger(__name__)
 
 
 def create(
-    name: str, num_classes: int, in_chans: int, drop_path: float = 0.0, grad_ckpt: bool = False
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    drop_path: float = 0.0,
+    grad_ckpt: bool = False,
+    img_size: int = 0,
+    global_pool: str = "",
 ) -> nn.Module:
-    """A timm model; ``num_classes=0`` gives the pooled-embedding encoder (``num_features`` wide)."""
+    """A timm model; ``num_classes=0`` gives the pooled-embedding encoder (``num_features`` wide).
+    ``img_size`` goes to the models that take one (ViTs: their patch grid and pos_embed);
+    ``global_pool`` ``token`` or ``avg`` (a ViT with ``avg`` gets timm's ``fc_norm``: RETFound's head)."""
     if name == "small_cnn":
         from retina_dist.models.small_cnn import SmallCNN
 
         return SmallCNN(num_classes, in_chans)
+    kwargs: dict[str, Any] = {
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "drop_path_rate": drop_path or None,
+    }
+    if global_pool:
+        kwargs["global_pool"] = global_pool
+    sized: dict[str, Any] = {**kwargs, "img_size": img_size} if img_size else kwargs
     try:
-        model = timm.create_model(
-            name,
-            pretrained=False,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            drop_path_rate=drop_path or None,
-        )
+        try:
+            model = timm.create_model(name, pretrained=False, **sized)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+            model = timm.create_model(name, pretrained=False, **kwargs)  # a CNN: any input size
     except RuntimeError as err:  # timm's "Unknown model"
         raise ConfigError(f"model.name {name!r}: {err}") from None
+    except (TypeError, AssertionError, ValueError) as err:
+        raise ConfigError(f"model.name {name!r} with {kwargs}: {err}") from None
     if grad_ckpt:
         model.set_grad_checkpointing(True)  # type: ignore[operator]  # timm's method, not a tensor
     return model
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors``, a ``.pt/.pth`` file (``weights_only``), or a run folder's
+    """The tensors of a weights file in any layout ``pretrained.read_file`` reads, or of a run folder's
     latest checkpoint (DeepSpeed checkpoints are consolidated)."""
-    path = Path(path)
-    if path.is_dir():
-        from retina_dist.run.checkpoints import Checkpointer, weights_of
-
-        latest = Checkpointer(path / "checkpoints" if (path / "checkpoints").is_dir() else path).latest()
-        if latest is None:
-            raise ConfigError(f"{path}: no checkpoint to load weights from")
-        return weights_of(latest)
-    if not path.exists():
-        raise ConfigError(f"{path}: weights file does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state: Any = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
+    return read_file(path)[0]
 
 
-def load_pretrained(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> None:
-    """Load weights; the classifier head may differ (it stays freshly initialised). Any other missing,
-    unexpected or mis-shaped key is an error that lists the keys."""
-    state = source if isinstance(source, dict) else read_weights(source)
-    where = "weights" if isinstance(source, dict) else str(source)
-    own = model.state_dict()
-    prefix = head_prefix(model)
-    head = {k for k in own if k.startswith(prefix)}
-    shape_diff = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state and k not in head]
-    unexpected = [k for k in state if k not in own and not k.startswith(prefix)]
-    bad = [k for k in shape_diff if k not in head]
-    if missing or unexpected or bad:
-        raise ConfigError(
-            f"{where}: weights do not match {type(model).__name__}: "
-            f"missing {missing[:8]}{'…' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}, "
-            f"shape mismatch {bad[:8]}"
-        )
-    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in shape_diff}, strict=False)
+def load_pretrained(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> LoadReport:
+    """Load published weights into ``model`` (see ``pretrained``): the classifier head may differ
+    (it starts fresh), pos_embed is resampled to the model's grid, pretraining-only tensors are
+    dropped; any other missing, unexpected or mis-shaped key is an error that lists the keys."""
+    if isinstance(source, dict):
+        state, layout, where = source, "state dict", "weights"
+    else:
+        (state, layout), where = read_file(source), str(source)
+    head = head_prefix(model)
+    fitted, report = fit(model, state, where, layout, head)
+    model.load_state_dict(fitted, strict=False)
+    layer = getattr(model, head, None)
+    if (
+        any(k.startswith(f"{head}.") for k in report.fresh)
+        and hasattr(model, "fc_norm")
+        and isinstance(layer, nn.Linear)
+    ):
+        # RETFound's fine-tuning starts a ViT's new head this small, so early steps barely move the encoder.
+        nn.init.trunc_normal_(layer.weight, std=2e-5)
+        nn.init.zeros_(layer.bias)
+    log.info("pretrained: %s", report.summary())
+    return report
 
 
 def head_prefix(model: nn.Module) -> str:
@@ -93,4 +98,7 @@ def tokens(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     norm = getattr(getattr(backbone, "head", None), "norm", None)
     if f.ndim == 4 and isinstance(norm, nn.Module):
         f = norm(f)  # ConvNeXt normalises its final map in the head; unused parameters would stall DDP
+    fc_norm = getattr(backbone, "fc_norm", None)
+    if f.ndim == 3 and isinstance(fc_norm, nn.LayerNorm):
+        f = fc_norm(f)  # a mean-pooling ViT has no final norm: its fc_norm normalises each token
     return f.flatten(2).transpose(1, 2) if f.ndim == 4 else f

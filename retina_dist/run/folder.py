@@ -23,6 +23,7 @@ CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 CALIBRATION = "calibration.json"
+PRETRAINED_REPORT = "pretrained_report.json"
 LOG = "train.log"
 # Written by rank 0 once a preemption checkpoint is committed. srun's exit code can be a killed
 # rank's rather than 75 (--kill-on-bad-exit), so the batch script trusts this file instead.
@@ -84,6 +85,10 @@ class RunDir:
     @property
     def calibration_path(self) -> Path:
         return self.root / CALIBRATION
+
+    @property
+    def pretrained_report_path(self) -> Path:
+        return self.root / PRETRAINED_REPORT
 
     @property
     def log_path(self) -> Path:
@@ -154,6 +159,13 @@ class RunDir:
 
     def read_metrics(self) -> dict[str, Any]:
         return self.training.read_metrics()
+
+    def write_pretrained_report(self, reports: list[dict[str, Any]]) -> None:
+        """What each pretrained load did (loaded, dropped, fresh, resampled), one entry per file."""
+        atomic.write_json(self.create().pretrained_report_path, {"loads": reports})
+
+    def read_pretrained_report(self) -> dict[str, Any]:
+        return _read_json(self.pretrained_report_path)
 
     def read_calibration(self) -> dict[str, Any]:
         return _read_json(self.calibration_path)

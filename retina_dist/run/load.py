@@ -41,7 +41,10 @@ def load_run(path: str | Path, weights: str | Path | None = None) -> LoadedRun:
     manifest = run.read_manifest()
     task = build_task(manifest)
     model = build_model(
-        dataclasses.replace(cfg.model, pretrained="", compile=False), task.num_classes, cfg.data.in_chans
+        dataclasses.replace(cfg.model, pretrained="", compile=False),
+        task.num_classes,
+        cfg.data.in_chans,
+        cfg.data.image_size,
     )
     if weights is None:
         latest = Checkpointer(run.checkpoints).latest() if run.checkpoints.is_dir() else None
