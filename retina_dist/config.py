@@ -99,9 +99,22 @@ class OptimConfig:
     pos_weight: bool = False  # BCE: per-class (negatives / positives) from the manifest's train histogram
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # BEiT-style layer-wise lr decay (timm's param_groups_layer_decay): the head at lr, each earlier
+    # block at a further factor of this, the patch embedding lowest. 0 turns it off; RETFound: 0.65.
+    layer_decay: float = 0.0
+    # Base lr: when > 0, lr = blr x effective batch (batch x accum x ranks) / 256, as MAE/RETFound set it.
+    blr: float = 0.0
+    # Mixup / CutMix on the device batch (timm's Mixup; its label smoothing is optim.label_smoothing).
+    # 0 alpha turns each off; with both on, a batch is one or the other (switch_prob: CutMix's share).
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
 
     def __post_init__(self) -> None:
         _choice("optim.loss", self.loss, ("auto", "ce", "bce", "focal", "hybrid"))
+        if not 0.0 <= self.layer_decay <= 1.0:
+            raise ConfigError(f"config key 'optim.layer_decay': in [0, 1], got {self.layer_decay}")
 
 
 @dataclass
@@ -116,6 +129,9 @@ class TrainConfig:
     log_every: int = 10
     keep_last: int = 2
     max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs)
+    # EMA of the weights (timm's ModelEmaV3) after each step, checkpointed, and evaluated beside the
+    # raw weights (metrics key and TensorBoard tags <split>_ema). 0 turns it off; typical 0.9998.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("train.strategy", self.strategy, ("ddp", "deepspeed"))
@@ -132,6 +148,9 @@ class EvalConfig:
     every_epochs: int = 1  # validation during training; 0 = only at the end
     tta: bool = False  # average the probabilities of the image and its horizontal flip
     calibrate: bool = True  # fit a temperature (and multi-label thresholds) on val, apply to other splits
+    # The validation metric that picks best.pt (higher is better): auto is accuracy (multi-class) or
+    # macro_auroc (multi-label); any metrics.json key, e.g. qwk, macro_auroc, odir_final, riadd_final.
+    best_metric: str = "auto"
 
 
 @dataclass

@@ -39,6 +39,8 @@ class Task:
         if not self.multilabel:
             if kind == "focal":
                 return losses.softmax_focal(logits, target, self.focal_alpha, self.focal_gamma)
+            if target.is_floating_point():  # soft targets from mixup/cutmix, already smoothed there
+                return F.cross_entropy(logits, target)
             return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
         pw = self.pos_weight.to(logits.device) if self.pos_weight is not None else None
         if kind == "focal":

@@ -29,9 +29,9 @@ def accumulation(rank: int, world: int, port: int, micro: int, accum: int, out: 
     import timm
 
     from retina_dist import dist
+    from retina_dist.engine.optim import build_optimizer, warmup_cosine
     from retina_dist.engine.step import TrainStep
     from retina_dist.engine.strategy import DDPStrategy
-    from retina_dist.engine.train import build_optimizer, warmup_cosine
 
     torch.manual_seed(0)
     model = timm.create_model("convnext_atto", num_classes=3)  # LayerNorm: no batch-size dependence
@@ -96,9 +96,9 @@ def strategy_steps(
 
     from retina_dist import dist
     from retina_dist.config import load_config
+    from retina_dist.engine.optim import build_optimizer, warmup_cosine
     from retina_dist.engine.step import TrainStep
     from retina_dist.engine.strategy import build_strategy
-    from retina_dist.engine.train import build_optimizer, warmup_cosine
 
     cfg = load_config(
         "synthetic",
@@ -140,9 +140,9 @@ def strategy_roundtrip(rank: int, world: int, port: int, strategy: str, stage: i
 
     from retina_dist import dist
     from retina_dist.config import load_config
+    from retina_dist.engine.optim import build_optimizer, warmup_cosine
     from retina_dist.engine.step import TrainStep
     from retina_dist.engine.strategy import build_strategy
-    from retina_dist.engine.train import build_optimizer, warmup_cosine
 
     cfg = load_config(
         "synthetic",

@@ -10,7 +10,7 @@ from sklearn import metrics as skm
 
 from retina_dist import losses, metrics
 from retina_dist.config import ConfigError, ModelConfig, load_config
-from retina_dist.engine.train import build_optimizer
+from retina_dist.engine.optim import build_optimizer
 from retina_dist.models import DualEyeNet, LateFusionNet, build_model
 from retina_dist.models.backbone import create
 

@@ -16,9 +16,9 @@ from retina_dist.bench.common import table
 from retina_dist.config import Config
 from retina_dist.data.stream.feeder import DeviceInputs
 from retina_dist.dist import DistEnv
+from retina_dist.engine.optim import build_optimizer, warmup_cosine
 from retina_dist.engine.step import TrainStep
 from retina_dist.engine.strategy import DDPStrategy
-from retina_dist.engine.train import build_optimizer, warmup_cosine
 from retina_dist.models.backbone import create
 from retina_dist.tasks import Task
 

@@ -12,18 +12,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from retina_dist import dist
-from retina_dist.config import Config, to_dict
+from retina_dist.config import Config, ConfigError, to_dict
 from retina_dist.data.manifest import DataError, load_manifest
 from retina_dist.data.stream import DeviceFeeder, DeviceInputs, batches_per_rank, make_loader
 from retina_dist.engine.evaluate import Evaluator, report
+from retina_dist.engine.mix import build_mix
 from retina_dist.engine.monitor import Monitor, setup_logging
+from retina_dist.engine.optim import build_optimizer, effective_lr, warmup_cosine
 from retina_dist.engine.specs import eval_spec, train_spec
 from retina_dist.engine.step import StepOutput, TrainStep
 from retina_dist.engine.strategy import build_strategy
-from retina_dist.models import backbone_parameters, build_model
+from retina_dist.models import build_model
 from retina_dist.models.pretrained import LoadReport
 from retina_dist.run.checkpoints import ResumeError
 from retina_dist.run.folder import RunDir
@@ -52,38 +53,6 @@ class Preemption:
     def _handle(self, signum: int, frame: Any) -> None:
         log.warning("received signal %d: checkpointing at the next step boundary", signum)
         self.requested = True
-
-
-def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0
-) -> torch.optim.Optimizer:
-    """AdamW; norms and biases are not decayed; the backbone may learn at a fraction of the head's lr."""
-    backbone = backbone_parameters(model) if backbone_lr_mult != 1.0 else set()
-    groups: dict[tuple[bool, bool], list] = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            groups.setdefault((id(p) in backbone, p.ndim <= 1), []).append(p)
-    return torch.optim.AdamW(
-        [
-            {
-                "params": params,
-                "lr": lr * (backbone_lr_mult if in_backbone else 1.0),
-                "weight_decay": 0.0 if no_decay else weight_decay,
-            }
-            for (in_backbone, no_decay), params in sorted(groups.items())
-        ],
-        lr=lr,
-    )
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor: float) -> Any:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def rng_state() -> dict[str, Any]:
@@ -142,7 +111,10 @@ class Trainer:
         model = build_model(cfg.model, self.task.num_classes, d.in_chans, d.image_size, reports)
         if reports and self.env.is_main:
             self.run.write_pretrained_report([r.to_dict() for r in reports])
-        optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.backbone_lr_mult)
+        o = cfg.optim
+        lr = effective_lr(o, cfg.train.batch_size * cfg.train.accum_steps * self.env.world_size)
+        optimizer = build_optimizer(model, lr, o.weight_decay, o.backbone_lr_mult, o.layer_decay)
+        self.mix = build_mix(o, self.task, d.image_size)
         scheduler = warmup_cosine(
             optimizer, round(cfg.optim.warmup_epochs * self.steps_per_epoch), total, cfg.optim.min_lr_ratio
         )
@@ -154,6 +126,15 @@ class Trainer:
         self.evaluator = Evaluator(
             self.strategy.module, self.env, self.inputs, self.task, d.workers, cfg.train.amp, cfg.eval.tta
         )
+        self.ema: Any = None
+        self.ema_evaluator: Evaluator | None = None
+        if cfg.train.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.strategy.module, decay=cfg.train.ema_decay, device=self.device)
+            self.ema_evaluator = Evaluator(
+                self.ema.module, self.env, self.inputs, self.task, d.workers, cfg.train.amp, cfg.eval.tta
+            )
         self.ckpt = self.run.checkpointer(cfg.train.keep_last)
         self.state = TrainState()
         self._resume()
@@ -223,7 +204,11 @@ class Trainer:
         self.strategy.model.train()
         while s.batches_done < self.batches:
             # islice takes exactly accum batches (zip with a range would pull, and lose, one more).
-            out = self.train_step((x, y) for x, y, _ in itertools.islice(feed, accum))
+            micro = ((x, y) for x, y, _ in itertools.islice(feed, accum))
+            mix = self.mix
+            out = self.train_step(micro if mix is None else (mix(x, y) for x, y in micro))
+            if self.ema is not None:
+                self.ema.update(self.strategy.module, step=s.step)
             s.step, s.batches_done = s.step + 1, s.batches_done + accum
             self._log(out)
             if self.agreement.poll(self.preemption.requested):
@@ -255,17 +240,39 @@ class Trainer:
         val = self.cfg.data.val_split
         mode = "none" if not self.cfg.eval.calibrate else "fit" if split == val else "apply"
         m = report(preds, self.task, split, self.run, self.run.training, self.monitor, self.state.step, mode)
-        score = m.get("accuracy", m.get("macro_auroc")) or 0.0
+        score = self._score(m)
         log.info(
             "%s after epoch %d: %s",
             split,
             self.state.epoch,
             ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)),
         )
+        if self.ema_evaluator is not None:
+            ema = self.ema_evaluator.predict(eval_spec(self.cfg, self.manifest, self.task, split))
+            if ema is not None:
+                e = report(
+                    ema, self.task, f"{split}_ema", self.run, self.run.training, self.monitor, self.state.step
+                )
+                log.info(
+                    "%s_ema: %s",
+                    split,
+                    ", ".join(f"{k} {v:.4f}" for k, v in e.items() if isinstance(v, float)),
+                )
         if split == val and score > self.state.best:
             self.state.best = score
             return True
         return False
+
+    def _score(self, m: dict[str, Any]) -> float:
+        """The validation figure best.pt is chosen by (higher is better; undefined counts as worst)."""
+        key = self.cfg.eval.best_metric
+        if key == "auto":
+            key = "macro_auroc" if self.task.multilabel else "accuracy"
+        if key not in m:
+            known = sorted(k for k, v in m.items() if isinstance(v, float))
+            raise ConfigError(f"eval.best_metric {key!r} is not a metric of this task; one of {known}")
+        value = m[key]
+        return float(value) if isinstance(value, (int, float)) else -math.inf
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _save(self, best: bool = False) -> None:
@@ -277,6 +284,8 @@ class Trainer:
             "world_size": self.env.world_size,
             "config": to_dict(self.cfg),
         }
+        if self.ema is not None:
+            extra["ema"] = self.ema.module.state_dict()
         path = self.strategy.save(self.ckpt.folder, f"step-{self.state.step:08d}", extra)
         dist.barrier()  # every rank's part is on disk before the pointer moves
         if self.env.is_main:
@@ -297,6 +306,12 @@ class Trainer:
                 "depends on it"
             )
         self.state = saved
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.module.load_state_dict(state["ema"])
+            else:
+                log.warning("%s holds no EMA weights: the EMA restarts from the resumed weights", path.name)
+                self.ema.set(self.strategy.module)
         if state["world_size"] == self.env.world_size:
             set_rng_state(state["rng"][self.env.rank])
         log.info(
