@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PRESETS = Path(__file__).parent / "presets"
@@ -45,6 +45,11 @@ class DataConfig:
     # Where the training augmentation runs: worker (OpenCV in the loader workers) | device (the
     # accelerator, workers only decode) | auto (device when training on CUDA, else worker).
     augment_on: str = "auto"
+    # The foundation-model recipe's extra augmentations (off by default): a timm RandAugment string,
+    # e.g. rand-m9-mstd0.5-inc1 (run in the loader workers on the training-size image), and the
+    # probability of random erasing with per-pixel noise (on the device, after normalisation).
+    randaugment: str = ""
+    reprob: float = 0.0
     balance: str = "none"  # none | repeat: class-balanced repeat-factor sampling in the training stream
     repeat_thresh: float = 0.0  # repeat-factor threshold t (0: the largest class share)
     train_split: str = "train"
@@ -55,6 +60,20 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.balance", self.balance, ("none", "repeat"))
         _choice("data.augment_on", self.augment_on, ("auto", "worker", "device"))
+        if not 0.0 <= self.reprob <= 1.0:
+            raise ConfigError(f"data.reprob={self.reprob}: a probability, 0 to 1")
+        if self.randaugment:
+            if self.augment_on == "device":
+                raise ConfigError(
+                    "data.randaugment runs timm's PIL ops in the loader workers after the warp, so it "
+                    "cannot follow the device warp: use data.augment_on=worker (or auto)"
+                )
+            from retina_dist.data.stream.recipe_augment import parse_randaugment
+
+            try:
+                parse_randaugment(self.randaugment, self.image_size, self.in_chans, self.mean)
+            except ValueError as err:
+                raise ConfigError(f"data.randaugment: {err}") from None
 
 
 @dataclass
@@ -227,9 +246,14 @@ def load_config(preset: str = "synthetic", overrides: Sequence[str] = (), smoke:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
-    layers = [OmegaConf.load(preset_path(preset))]
+    layer = OmegaConf.load(preset_path(preset))
+    # A preset's own ``smoke:`` section layers after _smoke.yaml (e.g. a small ViT of a ViT-L preset).
+    own_smoke = layer.pop("smoke", None) if isinstance(layer, DictConfig) else None
+    layers = [layer]
     if smoke:
         layers.append(OmegaConf.load(SMOKE))
+        if own_smoke is not None:
+            layers.append(own_smoke)
         # A smoke run packs and trains apart, so its tiny shards never stand in for the preset's own.
         base = OmegaConf.merge(OmegaConf.structured(Config), *layers)
         layers.append(

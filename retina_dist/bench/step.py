@@ -30,10 +30,12 @@ def _setup(
     channels_last: bool = False,
     compile_: bool = False,
     seed: int = 0,
+    grad_ckpt: bool = False,
 ):
     torch.manual_seed(seed)
     classes = 5
-    model = create(model_name, classes, 3)
+    # img_size: a ViT at another size than its name's gets its patch grid (and pos_embed) for it.
+    model = create(model_name, classes, 3, grad_ckpt=grad_ckpt, img_size=image_size)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile_:
@@ -86,9 +88,10 @@ def toolkit(
     channels_last: bool = False,
     compile_: bool = False,
     env: DistEnv | None = None,
+    grad_ckpt: bool = False,
 ) -> float:
     env = env or DistEnv()
-    model, x, y = _setup(model_name, image_size, batch, channels_last, compile_)
+    model, x, y = _setup(model_name, image_size, batch, channels_last, compile_, grad_ckpt=grad_ckpt)
     opt = build_optimizer(model, 1e-4, 0.05)
     strategy = DDPStrategy(model, opt, warmup_cosine(opt, 1, 10**6, 0.01), env, device, amp)
     cfg = Config()
@@ -138,10 +141,30 @@ def forward_flops(model_name: str, image_size: int) -> float:
     """FLOPs of one forward pass of one image (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = create(model_name, 5, 3).eval()
+    model = create(model_name, 5, 3, img_size=image_size).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(1, 3, image_size, image_size))
     return float(counter.get_total_flops())
+
+
+def training_memory(model_name: str, image_size: int, grad_ckpt: bool) -> dict[str, float]:
+    """What a training step must hold, measured on any device: the bytes autograd saves for the
+    backward per image (fp32; the activations, with or without checkpointing), and the parameter
+    count (fp32 weights, grads and AdamW's two moments: 16 bytes each)."""
+    model = create(model_name, 5, 3, grad_ckpt=grad_ckpt, img_size=image_size).train()
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        # Parameters are counted with the state; a tensor saved twice is held once.
+        if not isinstance(t, torch.nn.Parameter):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.zeros(2, 3, image_size, image_size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()  # checkpointed blocks save their recomputation's tensors here
+    params = sum(p.numel() for p in model.parameters())
+    return {"activation_mib_per_image": sum(saved.values()) / 2 / 2**20, "params_m": params / 1e6}
 
 
 def peak_tflops(device: torch.device, given: float = 0.0) -> float | None:
@@ -162,6 +185,7 @@ def run(
     peak: float = 0.0,
     channels_last: bool = False,
     compile_: bool = False,
+    grad_ckpt: bool = False,
 ) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
@@ -171,6 +195,9 @@ def run(
     t = toolkit(model_name, image_size, batch, steps, device, amp, *variant)
     one = ranks(1, (model_name, image_size, batch, steps, device, amp, *variant))
     two = ranks(2, (model_name, image_size, batch, steps, device, amp, *variant))
+    gc = None
+    if grad_ckpt:
+        gc = toolkit(model_name, image_size, batch, steps, device, amp, *variant, grad_ckpt=True)
     res = {
         "model": model_name,
         "image_size": image_size,
@@ -198,17 +225,35 @@ def run(
         res["model_flop_utilisation"] = t * 3 * fwd / 1e12 / top
     if device.type == "cuda":
         res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    memory = training_memory(model_name, image_size, False)
+    res.update(params_m=memory["params_m"], activation_mib_per_image=memory["activation_mib_per_image"])
+    res["state_gib"] = memory["params_m"] * 1e6 * 16 / 2**30
+    rows = [
+        ["bare loop", b, ""],
+        ["toolkit step", t, f"{t / b:.3f}"],
+        ["1 gloo rank (1 thread)", one, ""],
+        ["2 gloo ranks (1 thread each)", two, f"{two / (2 * one):.3f} scaling"],
+    ]
+    if gc is not None:
+        ckpt_memory = training_memory(model_name, image_size, True)
+        res["grad_ckpt_img_s"] = gc
+        res["grad_ckpt_over_toolkit"] = gc / t
+        res["grad_ckpt_activation_mib_per_image"] = ckpt_memory["activation_mib_per_image"]
+        rows.append(["toolkit step, grad checkpointing", gc, f"{gc / t:.3f} of toolkit"])
     print(
         table(
             f"bench step: {model_name} {image_size} px, batch {batch}/rank, {steps} steps, {device}, "
             f"amp {amp}" + (", channels_last" if channels_last else "") + (", compiled" if compile_ else ""),
             ["", "img/s", "ratio"],
-            [
-                ["bare loop", b, ""],
-                ["toolkit step", t, f"{t / b:.3f}"],
-                ["1 gloo rank (1 thread)", one, ""],
-                ["2 gloo ranks (1 thread each)", two, f"{two / (2 * one):.3f} scaling"],
-            ],
+            rows,
         )
+    )
+    saved = f"{res['activation_mib_per_image']:.1f} MiB"
+    if gc is not None:
+        saved += f" ({res['grad_ckpt_activation_mib_per_image']:.1f} MiB with grad checkpointing)"
+    print(
+        f"{res['params_m']:.1f}M params: {res['state_gib']:.2f} GiB of fp32 weights, grads and AdamW "
+        f"moments; saved for backward {saved} per image (fp32); "
+        f"{res['forward_gflop_per_image']:.1f} GFLOP forward per image"
     )
     return res

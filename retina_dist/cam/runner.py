@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -151,6 +152,9 @@ def _run(
     d = cfg.data
     device = dist.device_for(env)
     model = loaded.model.to(device).eval()
+    # Gradients must reach the target layer even where training froze it (linear probing); this
+    # copy of the weights is the pass's own and is never saved.
+    model.requires_grad_(True)
     preds = read_predictions(run.training.predictions(split), task.classes, task.multilabel)
     chosen = set(select(preds, how, limit, task.multilabel))
     spec = eval_spec(cfg, loaded.manifest, task, split, batch_size=16, with_masks=len(views) == 1)
@@ -231,7 +235,8 @@ def _multi_view(model, cams, x, raw, key, true, pred, out_dir, views) -> dict:
         att = []
         for weights, target_view in ((e["attn_left_to_right"], 1), (e["attn_right_to_left"], 0)):
             w = weights[0].mean(0)  # mean over the querying eye's tokens -> the other eye's grid
-            side = int(np.sqrt(w.numel()))
+            side = math.isqrt(w.numel())
+            w = w[w.numel() - side * side :]  # a ViT backbone's class/register tokens lead: not pixels
             grid = F.interpolate(w.reshape(1, 1, side, side), size=x.shape[-2:], mode="bilinear")[0, 0]
             img = raw[target_view].transpose(1, 2, 0)
             att.append(render.overlay(img, _norm01(grid.cpu().numpy())))

@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--channels-last", action="store_true", help="step: NHWC model and inputs, both loops")
     p.add_argument("--compile", action="store_true", help="step: torch.compile the model, both loops")
+    p.add_argument(
+        "--grad-checkpointing", action="store_true",
+        help="step: also the toolkit step with grad checkpointing",
+    )
     p.add_argument("--workers", type=int, nargs="*", help="data: loader worker counts (default 1..cores)")
 
 
@@ -67,6 +71,7 @@ def measure(what: str, args: argparse.Namespace, work: Path) -> dict:
             args.peak_tflops,
             args.channels_last,
             args.compile,
+            args.grad_checkpointing,
         )
     from retina_dist.bench import evalpack
 

@@ -36,7 +36,11 @@ def train_spec(cfg: Config, manifest: Manifest, task: Task, device: torch.device
         label_key=manifest.label_key,
         classes=task.classes,
         repeat=repeat,
-        augment_on_device=d.augment_on == "device" or (d.augment_on == "auto" and device.type == "cuda"),
+        # RandAugment follows the warp in the worker, so it keeps an auto run's warp there.
+        augment_on_device=d.augment_on == "device"
+        or (d.augment_on == "auto" and device.type == "cuda" and not d.randaugment),
+        randaugment=d.randaugment,
+        mean=tuple(d.mean),
     )
 
 

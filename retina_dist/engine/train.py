@@ -122,7 +122,9 @@ class Trainer:
         self.train_step = TrainStep(
             self.strategy, self.task.loss, cfg.train.accum_steps, cfg.train.amp, cfg.optim.max_grad_norm
         )
-        self.inputs = DeviceInputs(d.mean, d.std, d.in_chans, self.device, cfg.model.channels_last)
+        self.inputs = DeviceInputs(
+            d.mean, d.std, d.in_chans, self.device, cfg.model.channels_last, erase=d.reprob
+        )
         self.evaluator = Evaluator(
             self.strategy.module, self.env, self.inputs, self.task, d.workers, cfg.train.amp, cfg.eval.tta
         )

@@ -29,6 +29,7 @@ from retina_dist.data.sample_format import field, image_member, label_of
 from retina_dist.data.stream.augment import FusedTrainAugment, build_transform
 from retina_dist.data.stream.buffers import BufferPool, Lease
 from retina_dist.data.stream.canvas import Canvas
+from retina_dist.data.stream.recipe_augment import RandAugmentStep
 from retina_dist.data.stream.spec import StreamSpec
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,12 @@ class Assembler:
             "target": torch.tensor([m["label"] for m in self.meta], dtype=dtype),
             "lease": self.lease,  # buffers.release(batch) once the pixels are on the device
         }
-        if self.masks is not None:
-            out["mask"] = torch.from_numpy(np.stack(self.masks))
+        if self.masks is not None and any(m is not None for m in self.masks):
+            # A sample without a lesion mask (most datasets have none) gets an empty one: not scored.
+            size = (self.spec.image_size, self.spec.image_size)
+            out["mask"] = torch.from_numpy(
+                np.stack([np.zeros(size, np.uint8) if m is None else m for m in self.masks])
+            )
         out.update(self._extra())
         return out
 
@@ -168,6 +173,11 @@ class WarpAssembler(Assembler):
         self.augment = FusedTrainAugment(spec.image_size, spec.in_chans == 3)
         self.bgr = self.pad = spec.in_chans == 3
         self.epoch, self.rank = epoch, rank
+        self.randaugment = (
+            RandAugmentStep(spec.randaugment, spec.image_size, spec.in_chans, list(spec.mean))
+            if spec.randaugment
+            else None
+        )
 
     def start(self, j: int = 0) -> None:
         from retina_dist.data.stream.order import batch_rng
@@ -176,15 +186,23 @@ class WarpAssembler(Assembler):
         self.slots = self._pooled()
         rng = batch_rng(self.spec, self.epoch, self.rank, j)
         self.draws = self.augment.draw(rng, self.spec.batch_size, len(self.spec.views))
+        # Drawn after the warp's uniforms, so the warp of a batch is the same with or without these.
+        self.seeds = rng.integers(0, 2**31, (self.spec.batch_size, len(self.spec.views)))
+        self.erase_seed = int(rng.integers(0, 2**31))
 
     def _place(self, images: list[np.ndarray], mask: np.ndarray | None) -> np.ndarray | None:
         i, mask_out = self.n, None
         for v, image in enumerate(images):
             _, mask_out = self.augment(image, self.draws[i, v], mask, dst=self.slots[i, v], bgr=self.bgr)
+            if self.randaugment is not None:
+                self.randaugment(self.slots[i, v], int(self.seeds[i, v]))
         return mask_out
 
     def _images(self) -> torch.Tensor:
         return self.tensor[: self.n]
+
+    def _extra(self) -> dict[str, Any]:
+        return {"seed": self.erase_seed}  # the device's random erasing of this batch
 
 
 class CanvasAssembler(Assembler):
@@ -205,6 +223,8 @@ class CanvasAssembler(Assembler):
         self.canvas = Canvas(self.pool, (spec.batch_size, views), c, self.canvas_size)
         rng = batch_rng(spec, self.epoch, self.rank, j)
         self.draws = self.augment.draw(rng, spec.batch_size, views)
+        rng.integers(0, 2**31, (spec.batch_size, views))  # the worker path's RandAugment seeds
+        self.erase_seed = int(rng.integers(0, 2**31))
 
     def _view(self, v: int, data: bytes, label: str) -> np.ndarray:
         """A view decoded straight into its canvas slot when nothing else is to be done to it (the
@@ -240,7 +260,8 @@ class CanvasAssembler(Assembler):
                 "geometry": torch.from_numpy(self.geometry[: self.n]),
                 "colour": torch.from_numpy(self.colour[: self.n]),
                 "size": self.spec.image_size,
-            }
+            },
+            "seed": self.erase_seed,
         }
 
 

@@ -12,6 +12,7 @@ import torch
 
 from retina_dist.data.stream import augment_device
 from retina_dist.data.stream.buffers import release
+from retina_dist.data.stream.recipe_augment import BatchEraser
 
 
 class DeviceInputs:
@@ -24,6 +25,7 @@ class DeviceInputs:
         in_chans: int,
         device: torch.device,
         channels_last: bool = False,
+        erase: float = 0.0,
     ) -> None:
         mean_t, std_t = torch.tensor(mean[:in_chans]), torch.tensor(std[:in_chans])
         if in_chans == 1 and len(mean) == 3:
@@ -32,13 +34,19 @@ class DeviceInputs:
         self.shift = (-mean_t / std_t).view(1, -1, 1, 1).to(device)
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # Random erasing of training batches (those that carry a seed); evaluation batches have none.
+        self.eraser = BatchEraser(erase, device) if erase > 0 else None
 
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         target = batch["target"].to(self.device, non_blocking=True)
         if "augment" in batch:  # frames on a canvas: the training augmentation happens here
             pixels = augment_device.apply(batch["image"].to(self.device, non_blocking=True), batch["augment"])
-            return self._normalise(pixels), target
-        return self.images(batch["image"]), target
+            x = self._normalise(pixels)
+        else:
+            x = self.images(batch["image"])
+        if self.eraser is not None and "seed" in batch:
+            x = self.eraser(x, int(batch["seed"]))
+        return x, target
 
     def images(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 B x C x H x W (or B x V x C x H x W for multi-view samples) -> normalised float."""

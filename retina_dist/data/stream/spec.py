@@ -23,6 +23,8 @@ class StreamSpec:
     # on a canvas with each image's geometry and colour matrices instead of warped pixels.
     augment_on_device: bool = False
     label_key: str = "json:label"  # where the label is (manifest ``label_key``): json:FIELD or an extension
+    randaugment: str = ""  # timm RandAugment string applied after the worker warp (empty: off)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # RandAugment's fill colour
     classes: tuple[str, ...] = ()  # the task's classes: maps class names to indices (empty: labels as stored)
 
     @property
