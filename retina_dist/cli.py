@@ -36,13 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     from retina_dist.config import ConfigError
     from retina_dist.data import codec
     from retina_dist.data.manifest import DataError
-    from retina_dist.run.checkpoints import ResumeError
+    from retina_dist.run.checkpoints import CorruptCheckpoint, ResumeError
 
     args = parse(argv)
     codec.single_threaded()  # before any fork (loader workers, pack pools): see data/stream/loader.py
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return commands.load(args.command).run(args)
-    except (ConfigError, DataError, FileNotFoundError, ResumeError) as err:  # the user's to fix: no traceback
+    # The user's to fix: a message, no traceback.
+    except (ConfigError, DataError, FileNotFoundError, ResumeError, CorruptCheckpoint) as err:
         log.error("%s", err)
         return 2

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from retina_dist.run.checkpoints import weights_of
 
     run_dir = RunDir(args.run_dir)
-    path = run_dir.checkpointer().latest()
+    path = run_dir.checkpointer().latest(verify=True)
     if path is None:
         raise ConfigError(f"{args.run_dir}: no checkpoint to consolidate")
     out = Path(args.out) if args.out else run_dir.checkpoints / "consolidated.pt"

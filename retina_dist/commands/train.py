@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
 def train(cfg: Config, nproc: int) -> int:
     from retina_dist.run import RunDir
 
+    _require_shards(cfg)
     resolved = RunDir(cfg.run_dir)
     if nproc > 1 and not _is_rank():
         # The ranks read the resolved config from the run folder: one truth for all of them.
@@ -33,6 +34,23 @@ def train(cfg: Config, nproc: int) -> int:
     from retina_dist.engine.train import train as fit
 
     return EXIT_PREEMPTED if fit(cfg) == "preempted" else 0
+
+
+def _require_shards(cfg: Config) -> None:
+    """A missing shards folder is named here, before any rank starts (``run`` packs it instead)."""
+    from pathlib import Path
+
+    from retina_dist.config import ConfigError
+    from retina_dist.data import remote
+    from retina_dist.data.manifest import MANIFEST
+
+    shards = cfg.data.shards
+    if not remote.is_remote(shards) and not (Path(shards) / MANIFEST).exists():
+        what = "does not exist" if not Path(shards).exists() else f"holds no {MANIFEST}"
+        raise ConfigError(
+            f"data.shards={shards} {what}: pack it first (retina-dist pack), or use retina-dist run, "
+            "which packs a preset's data when it is missing"
+        )
 
 
 def _is_rank() -> bool:

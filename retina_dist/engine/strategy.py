@@ -11,10 +11,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from retina_dist import atomic
 from retina_dist.config import Config
 from retina_dist.dist import DistEnv
-from retina_dist.run.checkpoints import load
+from retina_dist.run.checkpoints import load, save_file
 
 
 class NonFiniteError(FloatingPointError):
@@ -130,7 +129,7 @@ class DDPStrategy:
         """Rank 0 writes one file (DDP replicas are identical); returns its path on every rank."""
         path = folder / f"{name}.pt"
         if self.env.is_main:
-            atomic.save_torch({**self.state_dict(), **extra}, path)
+            save_file({**self.state_dict(), **extra}, path)
         return path
 
     def load(self, path: Path) -> dict[str, Any]:

@@ -296,7 +296,7 @@ class Trainer:
         dist.barrier()
 
     def _resume(self) -> None:
-        path = self.ckpt.latest()
+        path = self.ckpt.resumable()
         if path is None:
             return
         state = self.strategy.load(path)

@@ -93,7 +93,8 @@ def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if path.is_dir():
         from retina_dist.run.checkpoints import Checkpointer, weights_of
 
-        latest = Checkpointer(path / "checkpoints" if (path / "checkpoints").is_dir() else path).latest()
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        latest = Checkpointer(folder).latest(verify=True)
         if latest is None:
             raise ConfigError(f"{path}: no checkpoint to load weights from")
         return weights_of(latest), "retina-dist run folder"

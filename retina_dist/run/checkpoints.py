@@ -1,11 +1,16 @@
-"""Atomic checkpoints: temp file + fsync + rename, then a ``latest`` pointer written last.
+"""Atomic checkpoints: temp file + fsync + rename, its sha256 recorded, then a ``latest`` pointer
+written last.
 
-A process killed at any instant leaves the previous checkpoint whole and ``latest`` pointing at it;
-resume only ever follows ``latest``, so a half-written file is never read.
+A process killed at any instant leaves the previous checkpoint whole and ``latest`` pointing at it,
+so a half-written file is never read. Bytes that rot after the commit (a truncated copy, a flipped
+bit) no longer match the recorded sha256: a resume then falls back to the newest checkpoint that does
+match, with a warning naming the bad one; eval, predict and export refuse it, naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -19,10 +24,33 @@ from retina_dist import atomic
 log = logging.getLogger(__name__)
 LATEST = "latest"
 BEST = "best"  # pointer used when checkpoints are folders (DeepSpeed); files get a best.pt link
+CHECKSUMS = "checksums.json"  # checkpoint name -> sha256, written at each commit before ``latest``
 
 
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed as asked (the message says what to do instead)."""
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A committed checkpoint whose bytes no longer match the sha256 recorded when it was written."""
+
+
+def digest(path: Path) -> str:
+    """sha256 of a checkpoint file, or of a checkpoint folder's files (names and bytes, sorted)."""
+    if path.is_file():
+        return _file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{_file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class Checkpointer:
@@ -33,12 +61,17 @@ class Checkpointer:
 
     def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path:
         path = self.folder / f"step-{step:08d}.pt"
-        atomic.save_torch(state, path)
+        save_file(state, path)
         self.commit(path, best)
         return path
 
     def commit(self, path: Path, best: bool = False) -> None:
         """Make a complete checkpoint (a file, or a folder of per-rank shards) the one to resume from."""
+        sums = self._checksums()
+        sums[path.name] = digest(path)
+        # Pruned names leave the record with their files; it is committed before ``latest`` moves.
+        present = {p.name for p in self.folder.glob("step-*")}
+        atomic.write_json(self.folder / CHECKSUMS, {k: v for k, v in sums.items() if k in present})
         if best and path.is_file():
             tmp = self.folder / ".best.pt.tmp"
             tmp.unlink(missing_ok=True)
@@ -48,6 +81,26 @@ class Checkpointer:
             atomic.write_text(self.folder / BEST, path.name + "\n")
         atomic.write_text(self.folder / LATEST, path.name + "\n")
         self._prune(keep={path.name, self._pointer(BEST)})
+
+    def _checksums(self) -> dict[str, str]:
+        path = self.folder / CHECKSUMS
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def verify(self, path: Path) -> None:
+        """``CorruptCheckpoint`` naming ``path`` when its bytes differ from those committed. A
+        checkpoint committed before checksums were recorded is taken as it is."""
+        recorded = self._checksums().get(path.name)
+        if recorded is None:
+            return
+        found = digest(path)
+        if found != recorded:
+            size = path.stat().st_size if path.is_file() else sum(
+                f.stat().st_size for f in path.rglob("*") if f.is_file()
+            )
+            raise CorruptCheckpoint(
+                f"{path} is corrupt: its sha256 is {found[:12]}…, not the {recorded[:12]}… recorded when "
+                f"it was committed ({size} bytes now; truncated or altered since)"
+            )
 
     def _pointer(self, name: str) -> str:
         pointer = self.folder / name
@@ -61,21 +114,68 @@ class Checkpointer:
         for tmp in self.folder.glob(".step-*.tmp"):  # debris of a save that was killed
             tmp.unlink(missing_ok=True)
 
-    def latest(self) -> Path | None:
+    def latest(self, verify: bool = False) -> Path | None:
+        """The checkpoint ``latest`` names; with ``verify``, only if its bytes are those committed."""
         name = self._pointer(LATEST)
         if not name:
             return None
         path = self.folder / name
         if not path.exists():
             raise FileNotFoundError(f"{self.folder / LATEST} names {name}, which does not exist")
+        if verify:
+            self.verify(path)
         return path
 
+    def resumable(self) -> Path | None:
+        """The newest committed checkpoint whose bytes verify: ``latest``, or, when that one is
+        corrupt, the one before it (a warning names each one passed over). None for a fresh run."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        candidates = [latest] + sorted(
+            (p for p in self.folder.glob("step-*") if p.name < latest.name and p.name in self._checksums()),
+            reverse=True,
+        )
+        bad: list[str] = []
+        for path in candidates:
+            try:
+                self.verify(path)
+            except CorruptCheckpoint as err:
+                log.warning("%s", err)
+                bad.append(path.name)
+                continue
+            if bad:
+                log.warning("resuming from %s, the newest whole checkpoint (passed over: %s)", path.name, bad)
+            return path
+        raise CorruptCheckpoint(
+            f"{self.folder}: every checkpoint is corrupt ({', '.join(bad)}); nothing to resume from"
+        )
+
     def load_latest(self) -> dict[str, Any] | None:
-        path = self.latest()
+        path = self.resumable()
         if path is None:
             return None
         log.info("resuming from %s", path)
         return load(path)
+
+
+def save_file(state: dict[str, Any], path: Path) -> Path:
+    """``atomic.save_torch``, with a failed write (a full disk) reported as what it means here."""
+    try:
+        return atomic.save_torch(state, path)
+    except (OSError, RuntimeError) as raised:
+        # torch.save's zip writer answers a failed write (ENOSPC) with a RuntimeError of its own
+        # ("unexpected pos"); the OSError is its context.
+        err = raised if isinstance(raised, OSError) else raised.__context__
+        if not isinstance(err, OSError):
+            raise
+        pointer = path.parent / LATEST
+        previous = pointer.read_text().strip() if pointer.exists() else ""
+        kept = f"{previous} stays latest and loadable" if previous else "no earlier checkpoint exists"
+        raise OSError(
+            err.errno, f"could not write checkpoint {path} ({err.strerror or err}); the partial file was "
+            f"removed and {kept}"
+        ) from raised
 
 
 def load(path: str | Path) -> dict[str, Any]:
