@@ -33,6 +33,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from retina_dist.commands.common import RanksFailed
     from retina_dist.config import ConfigError
     from retina_dist.data import codec
     from retina_dist.data.manifest import DataError
@@ -47,3 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, ResumeError, CorruptCheckpoint) as err:
         log.error("%s", err)
         return 2
+    except RanksFailed as err:  # each rank logged its own error above this
+        log.error("%s", err)
+        return 1

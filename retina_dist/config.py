@@ -50,6 +50,9 @@ class DataConfig:
     # probability of random erasing with per-pixel noise (on the device, after normalisation).
     randaugment: str = ""
     reprob: float = 0.0
+    # Training fails once more than this share of an epoch's samples cannot be decoded (each one is
+    # skipped, counted in the log and in TensorBoard's data/skipped).
+    max_skipped_frac: float = 0.05
     balance: str = "none"  # none | repeat: class-balanced repeat-factor sampling in the training stream
     repeat_thresh: float = 0.0  # repeat-factor threshold t (0: the largest class share)
     train_split: str = "train"
@@ -62,6 +65,8 @@ class DataConfig:
         _choice("data.augment_on", self.augment_on, ("auto", "worker", "device"))
         if not 0.0 <= self.reprob <= 1.0:
             raise ConfigError(f"data.reprob={self.reprob}: a probability, 0 to 1")
+        if not 0.0 <= self.max_skipped_frac <= 1.0:
+            raise ConfigError(f"data.max_skipped_frac={self.max_skipped_frac}: a fraction, 0 to 1")
         if self.randaugment:
             if self.augment_on == "device":
                 raise ConfigError(
@@ -148,6 +153,9 @@ class TrainConfig:
     log_every: int = 10
     keep_last: int = 2
     max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs)
+    # With --nproc: restarts of all local ranks after one fails (torchrun's elastic restarts), each
+    # resuming from the latest checkpoint.
+    max_restarts: int = 0
     # EMA of the weights (timm's ModelEmaV3) after each step, checkpointed, and evaluated beside the
     # raw weights (metrics key and TensorBoard tags <split>_ema). 0 turns it off; typical 0.9998.
     ema_decay: float = 0.0
@@ -158,6 +166,9 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'train.{key}': must be >= 1, got {getattr(self, key)}")
+        for key in ("max_steps", "max_restarts", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'train.{key}': must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,22 @@ TINY = [
     "log.progress=lines",
     "train.log_every=2",
 ]
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid grey PNG of ``width`` x ``height`` zeros: a few hundred KB that decode to w x h bytes."""
+    z, row = zlib.compressobj(9), bytes(width + 1)  # filter byte 0 + a row of zeros
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunks = png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def with_png_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
+    """``png`` with one more chunk right after its IHDR (e.g. an oversized iCCP or eXIf)."""
+    end_of_ihdr = 8 + 8 + 13 + 4
+    return png[:end_of_ihdr] + png_chunk(kind, data) + png[end_of_ihdr:]

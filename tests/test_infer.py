@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, png_bomb, run_cli, with_png_chunk
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -180,3 +182,43 @@ def test_predict_pairs_for_a_two_view_model(tmp_path):
     assert [Path(v.name).name for v in explicit[0].views] == ["p1_left.jpg", "p2_right.png"]
     with pytest.raises(ValueError, match="pairs must match"):
         collect([], ("left", "right"), ([str(tmp_path / "p1_left.jpg")], []))
+
+
+HOSTILE_NAMES = ["a b.png", "ü ñ 眼底.png", "new\nline.png", "<img src=x onerror=alert(1)>.png"]
+
+
+def test_predict_handles_hostile_names_bombs_and_huge_metadata(trained, images, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    png = sorted(images.glob("*.png"))[1].read_bytes()
+    for name in HOSTILE_NAMES:
+        (folder / name).write_bytes(png)
+    (folder / "bomb.png").write_bytes(png_bomb(20000, 20000))
+    rng = np.random.default_rng(0)
+    icc = b"x\0\0" + zlib.compress(rng.bytes(4 << 20), 1)  # a 4 MB (incompressible) ICC profile
+    exif = b"MM\0*" + rng.bytes(2 << 20)
+    (folder / "icc.png").write_bytes(with_png_chunk(png, b"iCCP", icc))
+    (folder / "exif.png").write_bytes(with_png_chunk(png, b"eXIf", exif))
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../../escaped.png", png)
+        zf.writestr("/abs/escaped.png", png)
+    out = tmp_path / "out" / "preds.csv"
+    out.parent.mkdir()
+    before = set(tmp_path.rglob("*"))
+    run_cli("predict", "--run", str(trained), str(folder), str(archive), "--out", str(out), "--cam")
+
+    rows = {Path(r["name"]).name if ":" not in r["name"] else r["name"]: r for r in _read(out)}
+    for name in [*HOSTILE_NAMES, "icc.png", "exif.png"]:  # every name read back exactly, CSV-quoted
+        assert name in rows, (name, sorted(rows))
+    probs = {n: [v for k, v in r.items() if k.startswith("prob_")] for n, r in rows.items()}
+    assert probs["icc.png"] == probs["exif.png"] == probs["a b.png"]  # metadata changes no pixel
+    assert f"{archive}:../../escaped.png" in rows and f"{archive}:/abs/escaped.png" in rows
+    skipped = {Path(r["name"]).name: r["reason"] for r in _read(out.with_name("preds.skipped.csv"))}
+    assert list(skipped) == ["bomb.png"] and "decompression bomb" in skipped["bomb.png"]
+    # CAM files only in <out>_cam, with names made safe; nothing written anywhere else.
+    new = set(tmp_path.rglob("*")) - before
+    cam_dir = out.with_name("preds_cam")
+    assert {p for p in new if p.parent != cam_dir} == {cam_dir, out, out.with_name("preds.skipped.csv")}
+    assert all(re.fullmatch(r"\d{6}_[A-Za-z0-9.+-]+\.png", p.name) for p in new if p.parent == cam_dir)
+    assert not (tmp_path / "escaped.png").exists() and not Path("/abs").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, png_bomb
 from tests.test_infer import images, trained  # noqa: F401  (module fixtures shared with predict)
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -98,11 +98,70 @@ def test_uploads_are_validated(server, images):  # noqa: F811
         ("img", "tiny.png", encode(np.zeros((16, 16, 3), np.uint8), ".png"), 422, "16 x 16 px"),
         ("img", "big.jpg", b"\xff\xd8\xff" + bytes(2 << 20), 413, "over the limit"),
         ("left", "a.png", png, 400, "no 'img' image"),
+        ("img", "bomb.png", png_bomb(20000, 20000), 422, "decompression bomb"),
     ]
     for field, name, data, want, text in cases:
         status, body = _post(server, field, name, data)
         assert (status, text in body["error"]) == (want, True), (name, status, body)
     assert urllib.request.urlopen(server, timeout=5).status == 200  # still serving
+
+
+def _server_rss(port: int) -> int:
+    """Resident bytes of the process listening on ``port`` and its children."""
+    import psutil
+
+    pid = next(c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN")
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+def test_serve_under_concurrent_load_answers_every_upload(server, images):  # noqa: F811
+    """200 valid uploads from 16 concurrent clients, with oversized and malformed ones mixed in: every
+    valid one answered with the probabilities a lone request gets, every bad one with its 4xx."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = int(server.rstrip("/").rsplit(":", 1)[1])
+    pngs = [p.read_bytes() for p in sorted(images.glob("*.png")) if p.name != "broken.png"]
+    alone = [_post(server, "img", f"{i}.png", data)[1]["probabilities"] for i, data in enumerate(pngs)]
+    jobs = [("ok", i % len(pngs)) for i in range(200)]
+    jobs[::10] = [("big", 0)] * len(jobs[::10])  # 20 oversized
+    jobs[5::10] = [("bad", 0)] * len(jobs[5::10])  # 20 malformed
+    rss = [_server_rss(port)]
+
+    def one(job: tuple[str, int]) -> tuple[str, int, int, dict, float]:
+        kind, i = job
+        data = {"ok": pngs[i], "big": b"\xff\xd8\xff" + bytes(2 << 20), "bad": pngs[i][:200]}[kind]
+        t = time.perf_counter()
+        status, body = _post(server, "img", f"upload {i} ü.png", data)
+        return kind, i, status, body, time.perf_counter() - t
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(one, job) for job in jobs]
+        while not all(f.done() for f in futures):
+            rss.append(_server_rss(port))
+            time.sleep(0.2)
+    results = [f.result() for f in futures]
+    latency = sorted(t for kind, _, _, _, t in results if kind == "ok")
+    for kind, i, status, body, _ in results:
+        if kind == "ok":
+            assert status == 200, body
+            got, want = body["probabilities"], alone[i]
+            np.testing.assert_allclose(list(got.values()), list(want.values()), atol=1e-6)
+        else:
+            assert status == {"big": 413, "bad": 422}[kind], (kind, status, body)
+    assert sum(kind == "ok" for kind, *_ in results) == 160
+    report = {
+        "requests": len(results),
+        "valid": len(latency),
+        "p50_s": round(latency[len(latency) // 2], 3),
+        "p95_s": round(latency[int(len(latency) * 0.95)], 3),
+        "peak_rss_mib": round(max(rss) / 2**20, 1),
+        "rss_before_mib": round(rss[0] / 2**20, 1),
+    }
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTEFACTS / "serve_load.json").write_text(json.dumps(report, indent=1))
+    print("serve under load:", report)
+    assert urllib.request.urlopen(server + "api/info", timeout=5).status == 200  # alive after
 
 
 @pytest.mark.skipif(

@@ -7,9 +7,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from retina_dist.data.codec import encode
 from retina_dist.run.checkpoints import Checkpointer, load
 from tests.conftest import TINY, run_cli
 
@@ -37,7 +39,7 @@ def _scalars(tb: Path, tag: str) -> list[tuple[float, float]]:
     return [(float(e.step), e.value) for e in acc.Scalars(tag)]
 
 
-def test_eval_and_cam_leave_everything_the_training_wrote_as_it_was(shards, tmp_path):
+def test_eval_cam_export_predict_leave_everything_the_training_wrote_as_it_was(shards, tmp_path):
     run_dir = tmp_path / "r"
     run_cli(
         "train",
@@ -55,12 +57,17 @@ def test_eval_and_cam_leave_everything_the_training_wrote_as_it_was(shards, tmp_
     run_cli("eval", "--run-dir", str(run_dir), "--split", "val", "--split", "train")
     run_cli("eval", "--run-dir", str(run_dir), "--split", "train", "--nproc", "2")
     run_cli("cam", "--run-dir", str(run_dir), "--select", "all", "--limit", "6")
+    run_cli("export", "--run", str(run_dir), "--format", "torchscript")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(encode(np.full((48, 48, 3), 90, np.uint8), ".png"))
+    run_cli("predict", "--run", str(run_dir), str(images), "--out", str(tmp_path / "preds.csv"), "--cam")
 
     after = _hashes(run_dir)
     changed = [f for f, h in files.items() if after.get(f) != h]
     assert not changed, f"later commands rewrote or removed {changed}"
     added = {f.split("/")[0] for f in after.keys() - files.keys()}
-    assert added <= {"evals", "cam", "tb"}, added  # tb: new event files beside the training's
+    assert added <= {"evals", "cam", "tb", "export"}, added  # tb: new event files beside the training's
     counts = _event_counts(run_dir / "tb")
     assert {t: counts[t] for t in events} == events  # no training scalar or image purged or repeated
     step = json.loads((run_dir / "metrics.json").read_text())["val"]["step"]

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,17 +24,55 @@ def add_run_args(p: argparse.ArgumentParser, nproc: bool = True, overrides: bool
     p.add_argument("--run-dir", help="run folder (default: the preset's run_dir)")
     p.add_argument("--smoke", action="store_true", help="tiny model, few small images, 2 epochs")
     if nproc:
-        add_nproc(p)
+        add_nproc(p, nodes=True)
     if overrides:
         p.add_argument(
             "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3"
         )
 
 
-def add_nproc(p: argparse.ArgumentParser) -> None:
+def add_nproc(p: argparse.ArgumentParser, nodes: bool = False) -> None:
     p.add_argument(
         "--nproc", type=int, default=1, help="local processes to start through torchrun (1: this process)"
     )
+    if not nodes:
+        return
+    p.add_argument("--nnodes", type=int, default=1, help="nodes in the job, each started with this command")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
+    p.add_argument(
+        "--rdzv-endpoint",
+        default="127.0.0.1:29400",
+        help="with --nnodes > 1: HOST:PORT of the c10d rendezvous (on the node started first)",
+    )
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """Where this launcher's local ranks sit in a multi-node job (one node: the defaults)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    endpoint: str = "127.0.0.1:29400"
+
+    def torchrun_args(self) -> list[str]:
+        if self.nnodes <= 1:
+            return ["--standalone"]
+        return [
+            f"--nnodes={self.nnodes}",
+            f"--node-rank={self.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id=retina-dist-{self.endpoint}",
+        ]
+
+
+def nodes_from(args: argparse.Namespace) -> Nodes:
+    from retina_dist.config import ConfigError
+
+    nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint)
+    if nodes.nnodes < 1 or not 0 <= nodes.node_rank < nodes.nnodes:
+        raise ConfigError(f"--node-rank {nodes.node_rank} with --nnodes {nodes.nnodes}: expected 0..nnodes-1")
+    return nodes
 
 
 def config_from(args: argparse.Namespace) -> Config:
@@ -43,25 +82,64 @@ def config_from(args: argparse.Namespace) -> Config:
     return load_config(args.preset, overrides, smoke=args.smoke)
 
 
-def relaunch_under_torchrun(nproc: int, argv: list[str]) -> bool:
+class RanksFailed(RuntimeError):
+    """Local ranks started by ``relaunch_under_torchrun`` that died or failed (the message names them)."""
+
+
+ONE_NODE = Nodes()
+
+
+def relaunch_under_torchrun(
+    nproc: int, argv: list[str], max_restarts: int = 0, nodes: Nodes = ONE_NODE
+) -> bool:
     """With ``nproc`` > 1 and not already one rank of a group: run ``python -m retina_dist <argv>``
     as ``nproc`` local ranks through torch's elastic launcher (as ``torchrun --standalone``) and
-    return True once they have finished; otherwise False, and the caller does the work itself."""
-    if nproc <= 1:
+    return True once they have finished; otherwise False, and the caller does the work itself.
+    A rank that fails ends them all; then the whole group is started again, up to ``max_restarts``
+    times, each start resuming from the run's latest checkpoint (a fresh launcher and rendezvous
+    each time: torchrun's own in-agent restart of a ``--standalone`` group hangs in this torch, its
+    restarted ranks waiting on a store port nothing listens on). ``RanksFailed`` names the ranks and
+    how they ended."""
+    if nproc <= 1 and nodes.nnodes <= 1:
         return False
     from retina_dist.dist import discover
 
     if discover().distributed:
         return False
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    run(
-        get_args_parser().parse_args(
-            ["--standalone", f"--nproc-per-node={nproc}", "-m", "retina_dist", *argv]
-        )
-    )
+    args = [*nodes.torchrun_args(), f"--nproc-per-node={nproc}", "-m", "retina_dist", *argv]
+    for attempt in range(max_restarts + 1):
+        try:
+            run(get_args_parser().parse_args(args))
+            return True
+        except ChildFailedError as err:
+            if attempt == max_restarts:
+                restarts = f" after {max_restarts} restart(s)" if max_restarts else ""
+                raise RanksFailed(
+                    f"{describe_failures(err.failures)}: the job stopped{restarts}, and the other ranks "
+                    "with it. Its last committed checkpoint is whole: run the same command again to "
+                    "resume from it"
+                ) from None
+            log.warning(
+                "%s; starting all %d ranks again (restart %d of %d)",
+                describe_failures(err.failures),
+                nproc,
+                attempt + 1,
+                max_restarts,
+            )
     return True
+
+
+def describe_failures(failures: dict) -> str:
+    """``rank 1 (local 1, pid 123) was killed by SIGKILL; ...`` for torch's ProcessFailure records."""
+    parts = []
+    for rank, f in sorted(failures.items()):
+        how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}"
+        parts.append(f"rank {rank} (local {f.local_rank}, pid {f.pid}) {how}")
+    return "; ".join(parts)
 
 
 def pack_if_missing(cfg: Config) -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from retina_dist.commands.common import add_run_args, config_from, relaunch_under_torchrun
+from retina_dist.commands.common import (
+    ONE_NODE,
+    Nodes,
+    add_run_args,
+    config_from,
+    nodes_from,
+    relaunch_under_torchrun,
+)
 
 if TYPE_CHECKING:
     from retina_dist.config import Config
@@ -18,17 +25,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return train(config_from(args), args.nproc)  # validated before any process starts
+    return train(config_from(args), args.nproc, nodes_from(args))  # validated before any process starts
 
 
-def train(cfg: Config, nproc: int) -> int:
+def train(cfg: Config, nproc: int, nodes: Nodes = ONE_NODE) -> int:
     from retina_dist.run import RunDir
 
     _require_shards(cfg)
     resolved = RunDir(cfg.run_dir)
-    if nproc > 1 and not _is_rank():
+    if (nproc > 1 or nodes.nnodes > 1) and not _is_rank():
         # The ranks read the resolved config from the run folder: one truth for all of them.
-        relaunch_under_torchrun(nproc, ["train", "--preset", str(resolved.write_config(cfg))])
+        config = str(resolved.write_config(cfg))
+        relaunch_under_torchrun(nproc, ["train", "--preset", config], cfg.train.max_restarts, nodes)
         return 0
     from retina_dist.engine.train import EXIT_PREEMPTED
     from retina_dist.engine.train import train as fit
@@ -48,8 +56,9 @@ def _require_shards(cfg: Config) -> None:
     if not remote.is_remote(shards) and not (Path(shards) / MANIFEST).exists():
         what = "does not exist" if not Path(shards).exists() else f"holds no {MANIFEST}"
         raise ConfigError(
-            f"data.shards={shards} {what}: pack it first (retina-dist pack), or use retina-dist run, "
-            "which packs a preset's data when it is missing"
+            f"data.shards={shards} {what}: no manifest to train from; pack it first (retina-dist pack), "
+            "index foreign shards (retina-dist index), or use retina-dist run, which packs a preset's "
+            "data when it is missing"
         )
 
 

@@ -4,9 +4,18 @@ everything else (PNG, TIFF, BMP) with OpenCV, several times faster than PIL."""
 
 from __future__ import annotations
 
+import io
+import struct
+import warnings
+
 import cv2
 import numpy as np
 import simplejpeg
+
+# An image's size is read from its header before any pixel is decoded: a file of a few KB can claim
+# 30000 x 30000 px and expand to gigabytes (a decompression bomb). 8192^2 is 3x the largest fundus
+# camera frame in DATASETS.md.
+MAX_PIXELS = 8192 * 8192
 
 
 def single_threaded() -> None:
@@ -32,7 +41,15 @@ def decode(
 
     ``out``: a C-contiguous uint8 array of the shape this call returns (``jpeg_shape``), which a
     JPEG is decoded straight into, sparing the copy of the frame into a batch buffer."""
-    if (header := _jpeg_header(data)) is not None and header[2] in ("YCbCr", "RGB", "Gray"):
+    header = _jpeg_header(data)
+    size = header[:2] if header is not None else _other_header(data)
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        h, w = size
+        raise CorruptImage(
+            f"{name or 'image'}: claims {w} x {h} px ({h * w / 1e6:.0f} M pixels) in {len(data)} bytes, "
+            f"over the {MAX_PIXELS / 1e6:.0f} M-pixel limit (a decompression bomb?); not decoded"
+        )
+    if header is not None and header[2] in ("YCbCr", "RGB", "Gray"):
         return _decode_jpeg(data, name, bgr, header[2], pad, out)
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if arr is None or arr.size == 0:
@@ -57,6 +74,25 @@ def _jpeg_header(data: bytes) -> tuple[int, int, str] | None:
     except ValueError:
         return None
     return h, w, space
+
+
+def _other_header(data: bytes) -> tuple[int, int] | None:
+    """Height and width of a PNG (its IHDR) or of anything else Pillow can open lazily; None when
+    unknown (OpenCV then decodes it under its own limit, or names the file)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", data[16:24])
+        return h, w
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                return im.height, im.width
+    except Image.DecompressionBombError:
+        return MAX_PIXELS, 2  # Pillow's own bomb limit, which is above ours
+    except Exception:  # noqa: BLE001 - not an image Pillow knows: OpenCV has the last word
+        return None
 
 
 def jpeg_shape(data: bytes) -> tuple[int, ...] | None:

@@ -202,7 +202,8 @@ class Trainer:
             num_batches=self.batches,
             skip_batches=s.batches_done,
         )
-        feed = iter(DeviceFeeder(loader, self.inputs))
+        feeder = DeviceFeeder(loader, self.inputs)
+        feed = iter(feeder)
         self.strategy.model.train()
         while s.batches_done < self.batches:
             # islice takes exactly accum batches (zip with a range would pull, and lose, one more).
@@ -213,13 +214,48 @@ class Trainer:
                 self.ema.update(self.strategy.module, step=s.step)
             s.step, s.batches_done = s.step + 1, s.batches_done + accum
             self._log(out)
+            self._check_skipped(feeder)
             if self.agreement.poll(self.preemption.requested):
                 return "preempted"
             if cfg.train.max_steps and s.step >= cfg.train.max_steps:
                 self.agreement.drain()
                 return "stopped"
+        self._check_skipped(feeder, epoch_end=True)
         # A signal in the epoch's last step is answered here, at a boundary every rank reaches.
         return "preempted" if self.agreement.drain() else "epoch"
+
+    def _check_skipped(self, feeder: DeviceFeeder, epoch_end: bool = False) -> None:
+        """Undecodable samples: counted over all ranks at the epoch's end (log and TensorBoard), and a
+        ``DataError`` once they pass ``data.max_skipped_frac`` (this rank's share is checked after each
+        step once it has skipped a few, so damaged shards stop a run early, not after an epoch)."""
+        skipped, seen = feeder.skipped, feeder.seen
+        if epoch_end:
+            counts = torch.tensor([skipped, seen], dtype=torch.int64, device=self.device)
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(counts)
+            skipped, seen = (int(v) for v in counts.tolist())
+            if skipped:
+                log.warning(
+                    "epoch %d: %d of %d training samples could not be decoded and were skipped (%.2f%%); "
+                    "retina-dist verify %s names the damaged shards",
+                    self.state.epoch,
+                    skipped,
+                    skipped + seen,
+                    100 * skipped / (skipped + seen),
+                    self.cfg.data.shards,
+                )
+                frac = skipped / (skipped + seen)
+                self.monitor.scalars("data", {"skipped": skipped, "skipped_frac": frac}, self.state.step)
+        elif skipped < 8:
+            return
+        limit = self.cfg.data.max_skipped_frac
+        if skipped > limit * (skipped + seen):
+            where = "in this epoch" if epoch_end else f"so far on rank {self.env.rank}"
+            raise DataError(
+                f"{skipped} of {skipped + seen} training samples {where} could not be decoded, more than "
+                f"data.max_skipped_frac={limit}: the shards in {self.cfg.data.shards} are damaged "
+                "(retina-dist verify names them; repack from the source)"
+            )
 
     def _log(self, out: StepOutput) -> None:
         logged = self.monitor.step(
@@ -325,6 +361,10 @@ class Trainer:
         )
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective that other ranks never joined within ``dist.timeout_s``."""
+
+
 def train(cfg: Config) -> str:
     trainer = Trainer(cfg)
     if trainer.env.is_main:
@@ -334,5 +374,14 @@ def train(cfg: Config) -> str:
         if outcome == "preempted" and trainer.env.is_main:
             trainer.run.mark_preempted(trainer.state.step)
         return outcome
+    except RuntimeError as err:
+        if "timed out" not in str(err).lower():
+            raise
+        latest = trainer.ckpt.latest()
+        raise CollectiveTimeout(
+            f"rank {trainer.env.rank}: a collective did not complete within dist.timeout_s="
+            f"{cfg.dist.timeout_s} s at step {trainer.state.step}: another rank is hung or gone. The run "
+            f"folder is resumable from {latest.name if latest else 'the start'}"
+        ) from err
     finally:
         dist.destroy()

@@ -75,7 +75,8 @@ def predict_files(
                 for j, (name, res) in enumerate(zip(names, predictor.results(batch), strict=True)):
                     row = [name, ";".join(res.predicted), *[f"{p:.6f}" for p in res.probs]]
                     if cam:
-                        file = f"{i + j:06d}_{render.safe(Path(name.split('|')[0]).stem)}.png"
+                        stem = render.safe(Path(name.split("|")[0]).stem) or "image"  # e.g. a name in CJK
+                        file = f"{i + j:06d}_{stem}.png"
                         render.write_png(cam_dir / file, predictor.overlay(batch[j], res))
                         row.append(str(cam_dir / file))
                     w.writerow(row)

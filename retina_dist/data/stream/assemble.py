@@ -47,6 +47,7 @@ class Assembler:
     def __init__(self, spec: StreamSpec, pool: BufferPool) -> None:
         self.spec, self.pool = spec, pool
         self.corrupt = 0
+        self._reported = 0  # of ``corrupt``, those already shipped with a batch
         self.meta: list[dict[str, Any]] = []
         self.masks: list[Any] | None = None
         self.lease: Lease | None = None
@@ -85,7 +86,9 @@ class Assembler:
             "image": images,  # uint8; normalised on the device
             "target": torch.tensor([m["label"] for m in self.meta], dtype=dtype),
             "lease": self.lease,  # buffers.release(batch) once the pixels are on the device
+            "skipped": self.corrupt - self._reported,  # undecodable samples passed over since the last
         }
+        self._reported = self.corrupt
         if self.masks is not None and any(m is not None for m in self.masks):
             # A sample without a lesion mask (most datasets have none) gets an empty one: not scored.
             size = (self.spec.image_size, self.spec.image_size)

@@ -59,13 +59,17 @@ class DeviceInputs:
 
 class DeviceFeeder:
     """Iterates ``(x, y, keys)`` on the device over a loader's batches, releasing each buffer once
-    its pixels are there (the worker may then refill it)."""
+    its pixels are there (the worker may then refill it). Counts the samples delivered and those the
+    workers could not decode (``seen``, ``skipped``)."""
 
     def __init__(self, batches: Iterable[dict[str, Any]], inputs: DeviceInputs) -> None:
         self.batches, self.inputs = batches, inputs
+        self.seen = self.skipped = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         for batch in self.batches:
             x, y = self.inputs(batch)
             release(batch)
+            self.seen += len(batch["key"])
+            self.skipped += int(batch.get("skipped", 0))
             yield x, y, batch["key"]
