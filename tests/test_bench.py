@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from tests.conftest import run_cli
 
 
@@ -50,6 +52,9 @@ def test_bench_all_at_tiny_size(tmp_path):
     assert [r["workers"] for r in data["rows"]] == [1, 2]
     for r in data["rows"]:
         assert r["stream_over_baseline"] == r["stream_img_s"] / r["baseline_img_s"]
+        peer = {name: r[f"{name}_img_s"] for name in ("timm", "webdataset", "torchvision")}
+        assert r["best_peer"] == max(peer, key=peer.get)
+        assert r["stream_over_best_peer"] == r["stream_img_s"] / peer[r["best_peer"]]
         assert (
             r["device_augment_stream_over_bare_decode"]
             == r["stream_device_augment_img_s"] / r["bare_decode_img_s"]
@@ -91,3 +96,22 @@ def test_bench_step_channels_last_applies_to_both_loops(tmp_path):
     assert step["channels_last"] is True and step["compile"] is False
     _positive(step)
     assert step["toolkit_over_bare"] == step["toolkit_img_s"] / step["bare_img_s"]
+
+
+def test_peer_loaders_read_the_stream_s_bytes_and_batch_at_the_same_size(shards, tmp_path):
+    from retina_dist.bench import peers
+    from retina_dist.data.manifest import load_manifest, split_shards
+    from retina_dist.data.sample_format import image_member
+    from retina_dist.data.stream.shard_reader import read_samples
+
+    paths = [p for p, _ in split_shards(shards, load_manifest(shards), "train")]
+    tree = peers.export_tree(paths, tmp_path / "tree")
+    files = {f.stem: f.read_bytes() for f in tree.rglob("*") if f.is_file()}
+    samples = list(read_samples(paths))
+    assert len(files) == len(samples)
+    for sample in samples:  # the same bytes, unchanged
+        assert files[sample["__key__"].replace("/", "_")] == sample[image_member(sample, "img", True)]
+    for name in peers.PEERS:
+        batch = next(peers.loader(name, paths, tree, 40, 6, 1))[0]
+        assert tuple(batch.shape) == (6, 3, 40, 40), name
+        assert batch.dtype == (torch.float32 if name == "timm" else torch.uint8), name  # timm: normalised

@@ -1,5 +1,7 @@
-"""bench data: the shard stream vs loose files through PIL (the seeds' way) vs bare shard decode,
-per worker count, on the same synthetic fundus photographs at camera resolution."""
+"""bench data: the shard stream against the loaders a user would pick instead (timm's, a webdataset
+pipeline, torchvision's ImageFolder: ``bench/peers.py``) on the same pre-resized JPEG bytes, against
+bare shard decode (its ceiling), and against full-resolution PNGs through PIL (a notebook's way), per
+worker count, on the same synthetic fundus photographs."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from retina_dist.bench import peers
 from retina_dist.bench.common import cycle, rate, table, worker_counts
 from retina_dist.data.codec import decode
 from retina_dist.data.manifest import load_manifest, split_shards
@@ -92,6 +95,7 @@ def run(
     dev_spec = dataclasses.replace(spec, augment_on_device=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shard_paths = [p for p, _ in spec.shards]
+    tree = peers.export_tree(shard_paths, work / "tree")
     rows, results = [], []
     for w in workers or worker_counts():
         # Timed from a drained queue: each loader's prefetched backlog (at most 4 batches a worker)
@@ -109,6 +113,7 @@ def run(
         # The fast loaders are timed `repeats` times, interleaved, and the median kept: the ratios
         # compare like with like even when the machine's speed drifts between measurements.
         runs: dict[str, list[float]] = {"stream": [], "device": [], "bare": []}
+        runs.update({name: [] for name in peers.PEERS})
         for _ in range(repeats):
             runs["stream"].append(
                 rate(make_loader(spec, 0, 1, w, num_batches=10**9), _consume, batches, warm)
@@ -122,10 +127,21 @@ def run(
                 BareDecode(shard_paths, batch), batch_size=None, num_workers=w, worker_init_fn=worker_init
             )
             runs["bare"].append(rate(iter(bare_loader), int, batches, warm))
+            del bare_loader
+            for name in peers.PEERS:
+                batches_of = peers.loader(name, shard_paths, tree, image_size, batch, w)
+                runs[name].append(rate(batches_of, peers.batch_len, batches, warm))
+                del batches_of
         stream, dev_loader, bare = (statistics.median(runs[k]) for k in ("stream", "device", "bare"))
+        peer = {name: statistics.median(runs[name]) for name in peers.PEERS}
+        best = max(peer, key=lambda k: peer[k])
         results.append(
             {
                 "workers": w,
+                **{f"{name}_img_s": v for name, v in peer.items()},
+                "best_peer": best,
+                "stream_over_best_peer": stream / peer[best],
+                "device_augment_stream_over_best_peer": dev_loader / peer[best],
                 "stream_img_s": stream,
                 "stream_device_augment_img_s": dev_loader,
                 "baseline_img_s": baseline,
@@ -140,6 +156,9 @@ def run(
                 w,
                 stream,
                 dev_loader,
+                *peer.values(),
+                f"{stream / peer[best]:.2f} ({best})",
+                f"{dev_loader / peer[best]:.2f}",
                 baseline,
                 bare,
                 f"{stream / baseline:.2f}",
@@ -157,7 +176,10 @@ def run(
                 "workers",
                 "stream img/s",
                 "stream, aug on device img/s",
-                "PIL files img/s",
+                *(f"{name} img/s" for name in peers.PEERS),
+                "stream/best peer",
+                "aug-on-device stream/best peer",
+                "full-res PNG via PIL img/s",
                 "bare decode img/s",
                 "stream/PIL",
                 "stream/bare",
