@@ -181,6 +181,12 @@ class EvalConfig:
     # The validation metric that picks best.pt (higher is better): auto is accuracy (multi-class) or
     # macro_auroc (multi-label); any metrics.json key, e.g. qwk, macro_auroc, odir_final, riadd_final.
     best_metric: str = "auto"
+    # Where patients have several images: patient-level results from the mean (or per-class max) of
+    # their images' calibrated probabilities, beside the image-level ones (<split>_patients).
+    patient_agg: str = "mean"
+
+    def __post_init__(self) -> None:
+        _choice("eval.patient_agg", self.patient_agg, ("mean", "max", "none"))
 
 
 @dataclass

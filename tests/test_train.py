@@ -10,11 +10,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import accuracy_score, roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from retina_dist.data.manifest import load_manifest
+from retina_dist.calibration import apply_temperature
+from retina_dist.data.manifest import load_manifest, split_shards
+from retina_dist.data.stream.shard_reader import read_samples
 from retina_dist.run.checkpoints import Checkpointer, load
 from tests.conftest import TINY, run_cli
 
@@ -160,3 +164,43 @@ def test_checkpoint_killed_mid_save_leaves_previous_loadable(tmp_path):
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(4))
     ck.save({"step": 3}, step=3)  # the next save clears the debris
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_two_process_run_reports_patients_as_recomputed_by_hand(trained, shards):
+    run_dir, _ = trained
+    val = load_manifest(shards).splits["val"]
+    assert val.patients < val.count  # synthetic patients have 1-3 images
+    patient_of = {
+        s["__key__"]: json.loads(s["json"])["patient"]
+        for s in read_samples([p for p, _ in split_shards(shards, load_manifest(shards), "val")])
+    }
+    with open(run_dir / "predictions" / "val.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    classes = [c.removeprefix("prob_") for c in rows[0] if c.startswith("prob_")]
+    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    temperature = json.loads((run_dir / "calibration.json").read_text())["temperature"]
+    probs = apply_temperature(probs, temperature, False)
+    by_patient: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_patient.setdefault(patient_of[r["key"]], []).append(i)
+    names = sorted(by_patient)
+    mean = np.stack([probs[by_patient[n]].mean(0) for n in names])
+    labels = []
+    for n in names:  # the label most of the patient's images carry, a tie to the higher class
+        counts = np.bincount([int(rows[i]["target"]) for i in by_patient[n]], minlength=len(classes))
+        labels.append(int(np.flatnonzero(counts == counts.max())[-1]))
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    got = metrics["val_patients"]
+    assert got["n"] == val.patients == len(names) and got["images"] == val.count
+    assert got["accuracy"] == pytest.approx(accuracy_score(labels, mean.argmax(1)), abs=1e-9)
+    assert got["macro_auroc"] == pytest.approx(
+        roc_auc_score(labels, mean, multi_class="ovr", average="macro", labels=range(len(classes))), abs=1e-4
+    )
+    with open(run_dir / "predictions" / "val_patients.csv", newline="") as fh:
+        written = list(csv.DictReader(fh))
+    assert [r["patient"] for r in written] == names and sum(int(r["images"]) for r in written) == val.count
+    assert (run_dir / "figures" / "val_patients_roc.png").stat().st_size > 5000
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    assert acc.Scalars("val_patients/accuracy")[-1].value == pytest.approx(got["accuracy"])

@@ -11,6 +11,7 @@ NAMES = (
     "train",
     "prepare",
     "eval",
+    "ensemble",
     "cam",
     "bench",
     "consolidate",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from retina_dist import calibration, dist, figures, metrics
 from retina_dist.data.stream import DeviceFeeder, DeviceInputs, StreamSpec, make_loader
+from retina_dist.engine import patients
 from retina_dist.engine.amp import autocast
 from retina_dist.run.folder import Results, RunDir
 from retina_dist.tasks import Task
@@ -38,6 +39,7 @@ class Predictions:
     keys: list[str]
     target: np.ndarray
     probs: np.ndarray
+    patients: list[str] = field(default_factory=list)  # per key, when the shards name patients
 
 
 class Evaluator:
@@ -65,18 +67,21 @@ class Evaluator:
         was_training = module.training
         module.eval()
         keys: list[str] = []
+        patients: list[str] = []
         targets, probs = [], []
         loader = make_loader(spec, self.env.rank, self.env.world_size, self.workers)
-        for x, y, batch_keys in DeviceFeeder(loader, self.inputs):
+        feeder = DeviceFeeder(loader, self.inputs)
+        for x, y, batch_keys in feeder:
             with autocast(self.inputs.device, self.amp):
                 p = task.probabilities(module(x))
                 if self.tta:
                     p = (p + task.probabilities(module(x.flip(-1)))) / 2
             keys += batch_keys
+            patients += feeder.patients
             targets.append(y.cpu())
             probs.append(p.float().cpu())
         module.train(was_training)
-        parts = dist.gather_objects((keys, _cat(targets), _cat(probs)))
+        parts = dist.gather_objects((keys, _cat(targets), _cat(probs), patients))
         if not self.env.is_main:
             return None
         all_keys = [k for p in parts for k in p[0]]
@@ -85,6 +90,7 @@ class Evaluator:
             all_keys,
             torch.cat([p[1] for p in parts if len(p[1])]).numpy(),
             torch.cat([p[2] for p in parts if len(p[2])]).numpy(),
+            [k for p in parts for k in p[3]],
         )
 
 
@@ -160,10 +166,13 @@ def report(
     monitor: Any,
     step: int,
     calibration_mode: str = "none",
+    patient_agg: str = "mean",
 ) -> dict[str, Any]:
     """Metrics, predictions CSV and figures for one split (rank 0) into ``results``, scalars and
     figures to ``monitor`` under ``results.tag(split)``. ``calibration_mode``: ``fit`` on this split,
-    ``apply`` the run's stored calibration, or ``none``."""
+    ``apply`` the run's stored calibration, or ``none``. Where patients have several images, the
+    same again per patient (``<split>_patients``: metrics, predictions CSV, figures, scalars) from
+    the calibrated probabilities aggregated by ``patient_agg`` (``engine/patients.py``)."""
     target = preds.target.astype(int)
     m = task.metrics(target, preds.probs)
     if calibration_mode != "none":
@@ -172,18 +181,57 @@ def report(
     results.update_metrics(split, {"step": step, **m})
     tag = results.tag(split)
     monitor.scalars(tag, m, step)
+    _figures(target, preds.probs, m, task, split, results, monitor, tag, step)
+    probs = preds.probs
+    if "temperature" in m:
+        probs = calibration.apply_temperature(probs, float(m["temperature"]), task.multilabel)
+    pp = patients.aggregate(preds.patients, target, probs, task, patient_agg)
+    if pp is not None:
+        name = f"{split}_patients"
+        pm = {
+            **task.metrics(pp.target.astype(int), pp.probs),
+            "n": len(pp.patients),
+            "images": int(pp.images.sum()),
+            "patient_agg": patient_agg,
+        }
+        patients.write(pp, task, results.predictions(name))
+        results.update_metrics(name, {"step": step, **pm})
+        monitor.scalars(f"{tag}_patients", pm, step)
+        _figures(pp.target.astype(int), pp.probs, pm, task, name, results, monitor, f"{tag}_patients", step)
+        log.info(
+            "%s per patient (%d patients, %d images; %s of calibrated probabilities): %s",
+            split,
+            len(pp.patients),
+            int(pp.images.sum()),
+            patient_agg,
+            ", ".join(f"{k} {v:.4f}" for k, v in pm.items() if isinstance(v, float)),
+        )
+    return m
+
+
+def _figures(
+    target: np.ndarray,
+    probs: np.ndarray,
+    m: dict[str, Any],
+    task: Task,
+    split: str,
+    results: Results,
+    monitor: Any,
+    tag: str,
+    step: int,
+) -> None:
     fig_dir = results.figures
     fig_dir.mkdir(parents=True, exist_ok=True)
     onehot = target if task.multilabel else np.eye(task.num_classes)[target]
     figs = {
-        "roc": figures.roc(onehot, preds.probs, task.classes, f"ROC — {split}"),
-        "pr": figures.pr(onehot, preds.probs, task.classes, f"precision-recall — {split}"),
+        "roc": figures.roc(onehot, probs, task.classes, f"ROC — {split}"),
+        "pr": figures.pr(onehot, probs, task.classes, f"precision-recall — {split}"),
         "f1": figures.f1_bars(m["per_class_f1"], f"per-class F1 — {split}"),
     }
     if task.multilabel:
-        conf, correct = preds.probs.ravel(), target.ravel().astype(float)
+        conf, correct = probs.ravel(), target.ravel().astype(float)
     else:
-        conf, correct = preds.probs.max(1), (preds.probs.argmax(1) == target).astype(float)
+        conf, correct = probs.max(1), (probs.argmax(1) == target).astype(float)
     figs["reliability"] = figures.reliability(conf, correct, f"reliability (ECE {m['ece']:.3f}) — {split}")
     if not task.multilabel:
         cm = np.array(m["confusion_matrix"])
@@ -195,4 +243,3 @@ def report(
         fig.savefig(fig_dir / f"{split}_{name}.png")
         monitor.figure(f"{tag}/{name}", fig, step)
         figures.close(fig)
-    return m

@@ -47,7 +47,8 @@ def evaluate_run(
                     continue
                 results = run.evaluation(f"{split}-{label}")
                 mode = "apply" if cfg.eval.calibrate else "none"
-                out[split] = report(preds, task, split, run, results, monitor, step, mode)
+                agg = cfg.eval.patient_agg
+                out[split] = report(preds, task, split, run, results, monitor, step, mode, agg)
                 log.info(
                     "%s (%s): %s -> %s",
                     split,

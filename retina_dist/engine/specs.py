@@ -64,4 +64,5 @@ def eval_spec(
         label_key=manifest.label_key,
         classes=task.classes,
         with_masks=with_masks,
+        patient_key=manifest.patient_key,
     )

@@ -277,7 +277,9 @@ class Trainer:
             return False
         val = self.cfg.data.val_split
         mode = "none" if not self.cfg.eval.calibrate else "fit" if split == val else "apply"
-        m = report(preds, self.task, split, self.run, self.run.training, self.monitor, self.state.step, mode)
+        agg = self.cfg.eval.patient_agg
+        step = self.state.step
+        m = report(preds, self.task, split, self.run, self.run.training, self.monitor, step, mode, agg)
         score = self._score(m)
         log.info(
             "%s after epoch %d: %s",
@@ -289,7 +291,14 @@ class Trainer:
             ema = self.ema_evaluator.predict(eval_spec(self.cfg, self.manifest, self.task, split))
             if ema is not None:
                 e = report(
-                    ema, self.task, f"{split}_ema", self.run, self.run.training, self.monitor, self.state.step
+                    ema,
+                    self.task,
+                    f"{split}_ema",
+                    self.run,
+                    self.run.training,
+                    self.monitor,
+                    self.state.step,
+                    patient_agg=agg,
                 )
                 log.info(
                     "%s_ema: %s",

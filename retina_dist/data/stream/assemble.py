@@ -95,6 +95,8 @@ class Assembler:
             out["mask"] = torch.from_numpy(
                 np.stack([np.zeros(size, np.uint8) if m is None else m for m in self.masks])
             )
+        if self.spec.patient_key:
+            out["patient"] = [m["patient"] for m in self.meta]
         out.update(self._extra())
         return out
 
@@ -122,6 +124,11 @@ class Assembler:
             parsed = json.loads(raw["json"]) if "json" in raw else None
             value = field(raw, spec.label_key, parsed)
             meta = {"key": key, "label": label_of(value, spec.classes, spec.multilabel)}
+            if spec.patient_key:
+                try:
+                    meta["patient"] = str(field(raw, spec.patient_key, parsed))
+                except KeyError:  # a sample without one is its own patient
+                    meta["patient"] = key
             images = []
             single = len(spec.views) == 1
             for v, view in enumerate(spec.views):

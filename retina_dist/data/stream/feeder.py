@@ -60,11 +60,13 @@ class DeviceInputs:
 class DeviceFeeder:
     """Iterates ``(x, y, keys)`` on the device over a loader's batches, releasing each buffer once
     its pixels are there (the worker may then refill it). Counts the samples delivered and those the
-    workers could not decode (``seen``, ``skipped``)."""
+    workers could not decode (``seen``, ``skipped``), and keeps the patients of the batch last yielded
+    when the stream reads them (``patients``)."""
 
     def __init__(self, batches: Iterable[dict[str, Any]], inputs: DeviceInputs) -> None:
         self.batches, self.inputs = batches, inputs
         self.seen = self.skipped = 0
+        self.patients: list[str] = []
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         for batch in self.batches:
@@ -72,4 +74,5 @@ class DeviceFeeder:
             release(batch)
             self.seen += len(batch["key"])
             self.skipped += int(batch.get("skipped", 0))
+            self.patients = batch.get("patient", [])
             yield x, y, batch["key"]

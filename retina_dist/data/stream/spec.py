@@ -26,6 +26,7 @@ class StreamSpec:
     randaugment: str = ""  # timm RandAugment string applied after the worker warp (empty: off)
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # RandAugment's fill colour
     classes: tuple[str, ...] = ()  # the task's classes: maps class names to indices (empty: labels as stored)
+    patient_key: str = ""  # where a sample's patient is (manifest ``patient_key``); empty: not read
 
     @property
     def count(self) -> int:
