@@ -23,8 +23,15 @@ def members(shards, tmp_path_factory) -> list[Path]:
     for seed in (0, 1, 2):
         run_dir = root / f"seed{seed}"
         run_cli(
-            "train", "--run-dir", str(run_dir), f"data.shards={shards}", *TINY,
-            "train.epochs=3", f"train.seed={seed}", "optim.lr=3e-3", "eval.splits=[val]",
+            "train",
+            "--run-dir",
+            str(run_dir),
+            f"data.shards={shards}",
+            *TINY,
+            "train.epochs=3",
+            f"train.seed={seed}",
+            "optim.lr=3e-3",
+            "eval.splits=[val]",
         )
         runs.append(run_dir)
     return runs
@@ -67,7 +74,9 @@ def test_an_ensemble_averages_calibrated_members_exactly_once(members, shards, t
         [round(m["metrics"]["macro_auroc"], 4) for m in record["members"]],
         "ensemble",
         round(record["ensemble"]["macro_auroc"], 4),
-        "(best member", round(best, 4), ")",
+        "(best member",
+        round(best, 4),
+        ")",
     )
     card = (out / "model_card.md").read_text()
     assert card.count("| ") >= 5 and all(r in card for r in runs) and "| ensemble |" in card

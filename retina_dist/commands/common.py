@@ -118,10 +118,14 @@ def relaunch_under_torchrun(
         except ChildFailedError as err:
             if attempt == max_restarts:
                 restarts = f" after {max_restarts} restart(s)" if max_restarts else ""
+                resume = (
+                    " Its last committed checkpoint is whole: run the same command again to resume from it"
+                    if argv[:1] == ["train"]
+                    else ""
+                )
                 raise RanksFailed(
                     f"{describe_failures(err.failures)}: the job stopped{restarts}, and the other ranks "
-                    "with it. Its last committed checkpoint is whole: run the same command again to "
-                    "resume from it"
+                    f"with it.{resume}"
                 ) from None
             log.warning(
                 "%s; starting all %d ranks again (restart %d of %d)",

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from retina_dist import __version__
+from retina_dist.engine.external import external_results
 from retina_dist.infer.predictor import Predictor
 
 HEADLINE = (
@@ -92,6 +93,10 @@ def model_card(p: Predictor, extra: dict[str, Any] | None = None) -> dict[str, A
             "split_counts": splits,
         },
         "metrics": metrics,
+        "external_validation": [
+            {k: r[k] for k in ("dataset", "shards", "split", "n", "common_task", "mapping", "metrics")}
+            for r in external_results(p.run_dir)
+        ],
         "intended_use": "Research on retinal-disease classification and triage support studies; "
         "screening decisions stay with qualified clinicians.",
         "caveats": caveats(p),
@@ -124,6 +129,16 @@ def card_markdown(card: dict[str, Any]) -> str:
                 f"{k} {v:.3f}" for k, v in m.items() if k not in ("n", "step") and isinstance(v, float)
             )
         )
+    if card.get("external_validation"):
+        lines += ["", "## External validation (other datasets, labels mapped)", ""]
+        for r in card["external_validation"]:
+            mapping = "; ".join(
+                f"{c} = run {'+'.join(map(str, v['run']))} vs {r['dataset']} {'/'.join(map(str, v['other']))}"
+                for c, v in r["mapping"]["classes"].items()
+            )
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items() if k in HEADLINE)
+            where = f"{r['dataset']} {r['split']} (n={r['n']}, {r['common_task']}; {mapping})"
+            lines.append(f"- {where}: {scores}")
     lines += ["", "## Intended use", "", card["intended_use"], "", "## Caveats", ""]
     lines += [f"- {c}" for c in card["caveats"]]
     return "\n".join(lines) + "\n"

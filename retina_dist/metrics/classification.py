@@ -43,7 +43,9 @@ def multilabel(
     thresholds), plus the challenge's own scores when ``classes`` are ODIR's or RFMiD's."""
     pred = (probs > threshold).astype(int)
     target = target.astype(int)
-    f1 = skm.f1_score(target, pred, average=None, zero_division=0)
+    # Column by column and over the flattened pairs: sklearn reads a one-label (N x 1) indicator
+    # as a binary column vector and would score both of its values.
+    f1 = np.array([skm.f1_score(target[:, i], pred[:, i], zero_division=0) for i in range(len(classes))])
     auc = {c: _auroc(target[:, i], probs[:, i]) for i, c in enumerate(classes)}
     defined = [v for v in auc.values() if v is not None]
     ap = [
@@ -55,7 +57,7 @@ def multilabel(
     challenge = challenges.challenge_scores(target, probs, classes)
     out = {
         "n": int(len(target)),
-        "micro_f1": float(skm.f1_score(target, pred, average="micro", zero_division=0)),
+        "micro_f1": float(skm.f1_score(target.ravel(), pred.ravel(), zero_division=0)),
         "macro_f1": float(np.mean(f1)),
         "per_class_f1": {c: float(v) for c, v in zip(classes, f1, strict=True)},
         "auroc": auc,
