@@ -384,7 +384,8 @@ def train(cfg: Config) -> str:
             trainer.run.mark_preempted(trainer.state.step)
         return outcome
     except RuntimeError as err:
-        if "timed out" not in str(err).lower():
+        # gloo words it "Timed out waiting … for recv" or "Application timeout caused pair closure".
+        if not any(w in str(err).lower() for w in ("timed out", "timeout")):
             raise
         latest = trainer.ckpt.latest()
         raise CollectiveTimeout(
