@@ -14,8 +14,7 @@ import numpy as np
 
 from retina_dist import atomic, calibration, dist
 from retina_dist.config import ConfigError
-from retina_dist.data.stream.feeder import DeviceInputs
-from retina_dist.engine.evaluate import Evaluator, Predictions, report
+from retina_dist.engine.evaluate import Predictions, report, run_evaluator
 from retina_dist.engine.monitor import Monitor
 from retina_dist.engine.specs import eval_spec
 from retina_dist.run import load_run
@@ -68,12 +67,7 @@ def evaluate_ensemble(
         device = dist.device_for(env)
         calibrated: list[Predictions] = []
         for m in members:
-            d = m.cfg.data
-            inputs = DeviceInputs(d.mean, d.std, d.in_chans, device, m.cfg.model.channels_last)
-            evaluator = Evaluator(
-                m.model.to(device), env, inputs, task, d.workers, m.cfg.train.amp, m.cfg.eval.tta
-            )
-            preds = evaluator.predict(eval_spec(m.cfg, m.manifest, task, split))
+            preds = run_evaluator(m, env, device).predict(eval_spec(m.cfg, m.manifest, task, split))
             m.model.cpu()
             if preds is None:
                 continue

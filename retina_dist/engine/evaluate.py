@@ -25,6 +25,7 @@ from retina_dist.data.stream import DeviceFeeder, DeviceInputs, StreamSpec, make
 from retina_dist.engine import patients
 from retina_dist.engine.amp import autocast
 from retina_dist.run.folder import Results, RunDir
+from retina_dist.run.load import LoadedRun
 from retina_dist.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,15 @@ class Evaluator:
             torch.cat([p[2] for p in parts if len(p[2])]).numpy(),
             [k for p in parts for k in p[3]],
         )
+
+
+def run_evaluator(loaded: LoadedRun, env: dist.DistEnv, device: torch.device) -> Evaluator:
+    """The Evaluator of a trained run (its model moved to ``device``), with the run's own input
+    normalisation, loader workers, AMP and TTA: what every later command evaluates it with."""
+    cfg, d = loaded.cfg, loaded.cfg.data
+    inputs = DeviceInputs(d.mean, d.std, d.in_chans, device, cfg.model.channels_last)
+    model = loaded.model.to(device)
+    return Evaluator(model, env, inputs, loaded.task, d.workers, cfg.train.amp, cfg.eval.tta)
 
 
 def _cat(ts: list[torch.Tensor]) -> torch.Tensor:

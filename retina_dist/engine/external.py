@@ -23,8 +23,7 @@ import yaml
 from retina_dist import atomic, calibration, dist
 from retina_dist.config import ConfigError
 from retina_dist.data.manifest import load_manifest
-from retina_dist.data.stream.feeder import DeviceInputs
-from retina_dist.engine.evaluate import Evaluator, Predictions, report
+from retina_dist.engine.evaluate import Predictions, report, run_evaluator
 from retina_dist.engine.monitor import Monitor
 from retina_dist.engine.specs import eval_spec
 from retina_dist.run import load_run
@@ -141,12 +140,7 @@ def evaluate_external(
     name = name or Path(str(shards).rstrip("/")).name
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
     try:
-        device = dist.device_for(env)
-        d = cfg.data
-        inputs = DeviceInputs(d.mean, d.std, d.in_chans, device, cfg.model.channels_last)
-        evaluator = Evaluator(
-            loaded.model.to(device), env, inputs, run_task, d.workers, cfg.train.amp, cfg.eval.tta
-        )
+        evaluator = run_evaluator(loaded, env, dist.device_for(env))
         other_cfg = _with_shards(cfg, shards)
         preds = evaluator.predict(eval_spec(other_cfg, other, other_task, split))
         if preds is None:

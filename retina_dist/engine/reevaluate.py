@@ -10,8 +10,7 @@ import re
 from pathlib import Path
 
 from retina_dist import dist
-from retina_dist.data.stream.feeder import DeviceInputs
-from retina_dist.engine.evaluate import Evaluator, report
+from retina_dist.engine.evaluate import report, run_evaluator
 from retina_dist.engine.monitor import Monitor
 from retina_dist.engine.specs import eval_spec
 from retina_dist.run import load_run
@@ -27,12 +26,7 @@ def evaluate_run(
     cfg, run, task = loaded.cfg, loaded.run, loaded.task
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
     try:
-        device = dist.device_for(env)
-        d = cfg.data
-        inputs = DeviceInputs(d.mean, d.std, d.in_chans, device, cfg.model.channels_last)
-        evaluator = Evaluator(
-            loaded.model.to(device), env, inputs, task, d.workers, cfg.train.amp, cfg.eval.tta
-        )
+        evaluator = run_evaluator(loaded, env, dist.device_for(env))
         latest = run.checkpointer().latest()
         step = _step_of(latest.name) if latest else 0
         label = latest.name.removesuffix(".pt") if weights is None and latest else Path(str(weights)).stem
