@@ -90,7 +90,7 @@ ONE_NODE = Nodes()
 
 
 def relaunch_under_torchrun(
-    nproc: int, argv: list[str], max_restarts: int = 0, nodes: Nodes = ONE_NODE
+    nproc: int, argv: list[str], max_restarts: int = 0, nodes: Nodes = ONE_NODE, on_failure: str = ""
 ) -> bool:
     """With ``nproc`` > 1 and not already one rank of a group: run ``python -m retina_dist <argv>``
     as ``nproc`` local ranks through torch's elastic launcher (as ``torchrun --standalone``) and
@@ -99,7 +99,7 @@ def relaunch_under_torchrun(
     times, each start resuming from the run's latest checkpoint (a fresh launcher and rendezvous
     each time: torchrun's own in-agent restart of a ``--standalone`` group hangs in this torch, its
     restarted ranks waiting on a store port nothing listens on). ``RanksFailed`` names the ranks and
-    how they ended."""
+    how they ended, then ``on_failure`` (what the user can do next)."""
     if nproc <= 1 and nodes.nnodes <= 1:
         return False
     from retina_dist.dist import discover
@@ -118,14 +118,9 @@ def relaunch_under_torchrun(
         except ChildFailedError as err:
             if attempt == max_restarts:
                 restarts = f" after {max_restarts} restart(s)" if max_restarts else ""
-                resume = (
-                    " Its last committed checkpoint is whole: run the same command again to resume from it"
-                    if argv[:1] == ["train"]
-                    else ""
-                )
                 raise RanksFailed(
                     f"{describe_failures(err.failures)}: the job stopped{restarts}, and the other ranks "
-                    f"with it.{resume}"
+                    f"with it.{' ' + on_failure if on_failure else ''}"
                 ) from None
             log.warning(
                 "%s; starting all %d ranks again (restart %d of %d)",

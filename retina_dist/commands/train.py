@@ -36,7 +36,13 @@ def train(cfg: Config, nproc: int, nodes: Nodes = ONE_NODE) -> int:
     if (nproc > 1 or nodes.nnodes > 1) and not _is_rank():
         # The ranks read the resolved config from the run folder: one truth for all of them.
         config = str(resolved.write_config(cfg))
-        relaunch_under_torchrun(nproc, ["train", "--preset", config], cfg.train.max_restarts, nodes)
+        relaunch_under_torchrun(
+            nproc,
+            ["train", "--preset", config],
+            cfg.train.max_restarts,
+            nodes,
+            "Its last committed checkpoint is whole: run the same command again to resume from it",
+        )
         return 0
     from retina_dist.engine.train import EXIT_PREEMPTED
     from retina_dist.engine.train import train as fit

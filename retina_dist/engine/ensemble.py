@@ -129,10 +129,9 @@ def evaluate_ensemble(
         dist.destroy()
 
 
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_auroc", "qwk", "macro_f1", "ece", "micro_f1", "map")
-
-
 def _headline(m: dict[str, Any]) -> dict[str, float]:
+    from retina_dist.infer.model_card import HEADLINE
+
     return {k: float(m[k]) for k in HEADLINE if isinstance(m.get(k), int | float)}
 
 

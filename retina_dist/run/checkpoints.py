@@ -86,10 +86,11 @@ class Checkpointer:
         path = self.folder / CHECKSUMS
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def verify(self, path: Path) -> None:
-        """``CorruptCheckpoint`` naming ``path`` when its bytes differ from those committed. A
-        checkpoint committed before checksums were recorded is taken as it is."""
-        recorded = self._checksums().get(path.name)
+    def verify(self, path: Path, sums: dict[str, str] | None = None) -> None:
+        """``CorruptCheckpoint`` naming ``path`` when its bytes differ from those committed (``sums``:
+        the record, when the caller has read it). A checkpoint committed before checksums were
+        recorded is taken as it is."""
+        recorded = (self._checksums() if sums is None else sums).get(path.name)
         if recorded is None:
             return
         found = digest(path)
@@ -132,14 +133,14 @@ class Checkpointer:
         latest = self.latest()
         if latest is None:
             return None
+        sums = self._checksums()
         candidates = [latest] + sorted(
-            (p for p in self.folder.glob("step-*") if p.name < latest.name and p.name in self._checksums()),
-            reverse=True,
+            (p for p in self.folder.glob("step-*") if p.name < latest.name and p.name in sums), reverse=True
         )
         bad: list[str] = []
         for path in candidates:
             try:
-                self.verify(path)
+                self.verify(path, sums)
             except CorruptCheckpoint as err:
                 log.warning("%s", err)
                 bad.append(path.name)
