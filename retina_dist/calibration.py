@@ -1,5 +1,8 @@
 """Post-hoc calibration fitted on validation and applied to the other splits: temperature scaling
-(one scalar, Guo et al. 2017) and, for multi-label tasks, a decision threshold per class."""
+(one scalar, Guo et al. 2017) and, for multi-label tasks, a decision threshold per class.
+
+``groups`` (multi-head tasks): the column counts of each head, a softmax each; one temperature for
+all, as the heads share the features it corrects."""
 
 from __future__ import annotations
 
@@ -14,33 +17,51 @@ def to_logits(probs: np.ndarray, multilabel: bool) -> np.ndarray:
     return np.log(p / (1 - p)) if multilabel else np.log(p)  # softmax is shift-invariant: log p will do
 
 
-def apply_temperature(probs: np.ndarray, temperature: float, multilabel: bool) -> np.ndarray:
+def apply_temperature(
+    probs: np.ndarray, temperature: float, multilabel: bool, groups: tuple[int, ...] = ()
+) -> np.ndarray:
     z = to_logits(probs, multilabel) / temperature
     if multilabel:
         return 1 / (1 + np.exp(-z))
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
+    return np.concatenate([_softmax(part) for part in _split(z, groups)], axis=1)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
 
 
-def nll(probs: np.ndarray, target: np.ndarray, multilabel: bool) -> float:
+def _split(a: np.ndarray, groups: tuple[int, ...]) -> list[np.ndarray]:
+    return np.split(a, np.cumsum(groups)[:-1], axis=1) if groups else [a]
+
+
+def nll(probs: np.ndarray, target: np.ndarray, multilabel: bool, groups: tuple[int, ...] = ()) -> float:
+    """``target``: class indices, or multi-hot rows (multi-label; one-hot per head with ``groups``)."""
     p = np.clip(probs, EPS, 1 - EPS)
     if multilabel:
         return float(-(target * np.log(p) + (1 - target) * np.log(1 - p)).mean())
+    if groups:
+        return sum(
+            nll(pp, tt.argmax(1), False)
+            for pp, tt in zip(_split(p, groups), _split(target, groups), strict=True)
+        )
     return float(-np.log(p[np.arange(len(target)), target.astype(int)]).mean())
 
 
-def fit_temperature(probs: np.ndarray, target: np.ndarray, multilabel: bool) -> float:
+def fit_temperature(
+    probs: np.ndarray, target: np.ndarray, multilabel: bool, groups: tuple[int, ...] = ()
+) -> float:
     """The temperature minimising validation NLL: a log grid, then a finer one around the best."""
+
+    def loss(t: float) -> float:
+        return nll(apply_temperature(probs, t, multilabel, groups), target, multilabel, groups)
+
     grid = np.exp(np.linspace(np.log(0.05), np.log(20), 121))
     for _ in range(2):
-        losses = [nll(apply_temperature(probs, t, multilabel), target, multilabel) for t in grid]
-        best = int(np.argmin(losses))
+        best = int(np.argmin([loss(t) for t in grid]))
         lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
         grid = np.linspace(lo, hi, 41)
-    return float(
-        grid[int(np.argmin([nll(apply_temperature(probs, t, multilabel), target, multilabel) for t in grid]))]
-    )
+    return float(grid[int(np.argmin([loss(t) for t in grid]))])
 
 
 def tune_thresholds(target: np.ndarray, probs: np.ndarray) -> list[float]:

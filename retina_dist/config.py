@@ -195,7 +195,7 @@ class CamConfig:
 
     enabled: bool = True
     split: str = "val"
-    method: str = "gradcam"  # gradcam | gradcam++ | xgradcam | layercam | eigencam
+    method: str = "gradcam"  # gradcam | gradcam++ | xgradcam | layercam | eigencam | ig | rollout (ViTs)
     select: str = "per-class:4"  # all | errors | correct | per-class:K
     limit: int = 40  # at most this many samples (0: no limit)
     target_layer: str = ""  # a module path; empty: the family's default

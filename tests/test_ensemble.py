@@ -101,3 +101,32 @@ def test_bad_weights_are_a_clear_error(members, tmp_path):
     proc = run_cli("ensemble", "--runs", *runs, "--weights", "1", "2", "--out", str(out), check=False)
     assert proc.returncode == 2 and "one non-negative weight per run (3)" in proc.stderr
     assert not out.exists()
+
+
+def test_an_ensemble_exports_as_one_onnx_file_that_answers_as_the_ensemble(members, tmp_path):
+    import onnxruntime as ort
+
+    from retina_dist.infer.predictor import Predictor
+
+    runs = [str(r) for r in members]
+    out = tmp_path / "ens"
+    run_cli("ensemble", "--runs", *runs, "--weights", "1", "2", "1", "--split", "val", "--out", str(out))
+    proc = run_cli("export", "--ensemble", str(out), "--format", "onnx")
+    report = json.loads(proc.stdout)
+    onnx_file = out / "export" / "model.onnx"
+    assert report["file"] == str(onnx_file) and report["max_abs_diff"] <= 1e-4
+    # The file on the members' own preprocessed pixels equals their calibrated, weighted mean.
+    preds = [Predictor(r) for r in runs]
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (80, 90, 3), dtype=np.uint8) for _ in range(3)]
+    batch = np.stack([preds[0].prepare([im]) for im in images])
+    want = np.tensordot(np.array([1, 2, 1]) / 4, np.stack([p.probabilities(batch) for p in preds]), axes=1)
+    sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"image": batch.astype(np.float32)})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    card = json.loads((out / "export" / "model_card.json").read_text())
+    assert [m["run"] for m in card["ensemble"]["members"]] == runs and len(
+        card["calibration"]["temperature"]
+    ) == 3
+    md = (out / "export" / "MODEL_CARD.md").read_text()
+    assert all(r in md for r in runs) and "weight 2" in md

@@ -96,6 +96,26 @@ def test_predict_folder_and_zip_skips_corrupt_and_foreign_files(trained, images,
     assert all(c.exists() and c.stat().st_size > 500 for c in cams) and len(set(cams)) == 24
 
 
+def test_predict_explains_each_image_by_the_method_asked_on_the_image_as_stored(trained, images, tmp_path):
+    from retina_dist.cam.render import MIN_PANEL
+    from retina_dist.data.codec import decode
+
+    pictures = {}
+    for method in ("ig", "gradcam"):
+        out = tmp_path / f"{method}.csv"
+        run_cli("predict", "--run", str(trained), str(images), "--out", str(out), "--explain", method)
+        rows = _read(out)
+        assert len(rows) == 12 and all(Path(r["cam"]).parent == tmp_path / f"{method}_cam" for r in rows)
+        pictures[method] = decode(Path(rows[0]["cam"]).read_bytes())
+    k = -(-MIN_PANEL // 144)  # the images are 144 px (the model saw 48): image | overlay, enlarged k x
+    for pic in pictures.values():
+        assert pic.shape[0] > 144 * k and pic.shape[1] > 2 * 144 * k
+    assert pictures["ig"].shape == pictures["gradcam"].shape
+    assert np.abs(pictures["ig"].astype(int) - pictures["gradcam"].astype(int)).mean() > 1  # other maps
+    proc = run_cli("predict", "--run", str(trained), str(images), "--explain", "shap", check=False)
+    assert proc.returncode == 2 and "--explain 'shap'" in proc.stderr and "ig" in proc.stderr
+
+
 def test_predict_sees_the_pixels_the_stream_sees_and_applies_the_temperature(trained, images, tmp_path):
     from retina_dist import calibration
     from retina_dist.data.codec import decode

@@ -22,6 +22,7 @@ PRESETS = [
     "odir_dual_convnext_s384",
     "rfmid_effnet_b0",
     "fusion_late",
+    "fusion_multiclass",
     "oct2017_vit",
 ]
 CLASSES = {
@@ -32,6 +33,7 @@ CLASSES = {
     "odir_dual_convnext_s384": 8,
     "rfmid_effnet_b0": 29,
     "fusion_late": 2,
+    "fusion_multiclass": 9,
     "oct2017_vit": 4,
 }
 

@@ -59,21 +59,39 @@ def data(tmp_path_factory, scratch):
             "--workers",
             "2",
         )
-    run_cli(
-        "pack",
-        "fusion",
-        "--src",
-        str(root / "aptos"),
-        "--oct-src",
-        str(root / "kermany"),
-        "--out",
-        str(root / "sh-fusion"),
-        "--max-side",
-        "80",
-        "--workers",
-        "2",
-    )
+    for name in ("fusion", "fusion_multiclass"):
+        run_cli(
+            "pack",
+            name,
+            "--src",
+            str(root / "aptos"),
+            "--oct-src",
+            str(root / "kermany"),
+            "--out",
+            str(root / f"sh-{name}"),
+            "--max-side",
+            "80",
+            "--workers",
+            "2",
+        )
     return root
+
+
+@pytest.fixture(scope="module")
+def encoders(data) -> tuple[Path, Path]:
+    """The fundus (APTOS grades) and OCT (Kermany classes) runs that fusion freezes."""
+    common = ["train.epochs=4", "eval.splits=[val]"]
+    for preset, name in (("aptos_effnet_b0", "aptos"), ("kermany_resnet18", "kermany")):
+        run_cli(
+            "train",
+            "--preset",
+            preset,
+            *RUN,
+            f"run_dir={data / f'run-{name}'}",
+            f"data.shards={data / f'sh-{name}'}",
+            *common,
+        )
+    return data / "run-aptos", data / "run-kermany"
 
 
 def test_dual_eye_multilabel_run_learns_the_visible_labels(data):
@@ -136,26 +154,8 @@ def test_dual_eye_multilabel_run_learns_the_visible_labels(data):
         assert Path(r["cam"]).stat().st_size > 1000  # left | right EigenCAM panels
 
 
-def test_late_fusion_over_two_earlier_runs_beats_chance(data):
+def test_late_fusion_over_two_earlier_runs_beats_chance(data, encoders):
     common = ["train.epochs=4", "eval.splits=[val]"]
-    run_cli(
-        "train",
-        "--preset",
-        "aptos_effnet_b0",
-        *RUN,
-        f"run_dir={data / 'run-aptos'}",
-        f"data.shards={data / 'sh-aptos'}",
-        *common,
-    )
-    run_cli(
-        "train",
-        "--preset",
-        "kermany_resnet18",
-        *RUN,
-        f"run_dir={data / 'run-kermany'}",
-        f"data.shards={data / 'sh-kermany'}",
-        *common,
-    )
     run = data / "run-fusion"
     run_cli(
         "train",
@@ -164,8 +164,8 @@ def test_late_fusion_over_two_earlier_runs_beats_chance(data):
         *RUN,
         f"run_dir={run}",
         f"data.shards={data / 'sh-fusion'}",
-        f"model.fundus_encoder={data / 'run-aptos'}",
-        f"model.oct_encoder={data / 'run-kermany'}",
+        f"model.fundus_encoder={encoders[0]}",
+        f"model.oct_encoder={encoders[1]}",
         *common,
     )
     m = _metrics(run)
@@ -173,3 +173,60 @@ def test_late_fusion_over_two_earlier_runs_beats_chance(data):
         m
     )  # normal vs disease on virtual pairs; chance 0.5 (0.57 with random encoders)
     assert m["balanced_accuracy"] > 0.55, m
+
+
+def test_multiclass_fusion_predicts_the_dr_grade_and_the_oct_class_jointly(data, encoders):
+    """Two heads over the frozen encoders: the DR grade (QWK) and the OCT class (macro AUROC), each
+    its own softmax and cross-entropy; predictions, model card and ONNX export carry both."""
+    from retina_dist.data.sources.fusion import DR_GRADES
+    from retina_dist.data.sources.kermany import CLASSES as OCT_CLASSES
+
+    run = data / "run-fusion-multiclass"
+    proc = run_cli(
+        "train",
+        "--preset",
+        "fusion_multiclass",
+        *RUN,
+        f"run_dir={run}",
+        f"data.shards={data / 'sh-fusion_multiclass'}",
+        f"model.fundus_encoder={encoders[0]}",
+        f"model.oct_encoder={encoders[1]}",
+        "train.epochs=6",
+        "eval.splits=[val]",
+    )
+    assert "2 ranks (torchrun)" in proc.stderr
+    m = _metrics(run)
+    print("multiclass fusion val:", {k: round(v, 3) for k, v in m.items() if k.startswith(("dr_", "oct_"))})
+    # Chance: QWK 0, macro AUROC 0.5. The synthetic twins grade DR by lesion count and draw each OCT
+    # class's own pathology, so the frozen encoders carry both answers.
+    assert m["dr_qwk"] > 0.3 and m["oct_macro_auroc"] > 0.65, m
+    assert set(m["heads"]) == {"dr", "oct"} and len(m["heads"]["dr"]["confusion_matrix"]) == 5
+    assert (run / "figures" / "val_dr_confusion.png").exists() and (
+        run / "figures" / "val_oct_confusion.png"
+    ).exists()
+
+    rows = _rows(run / "predictions" / "val.csv")
+    dr_cols = [f"prob_dr:{c}" for c in DR_GRADES]
+    oct_cols = [f"prob_oct:{c}" for c in OCT_CLASSES]
+    for r in rows:  # each head a distribution, each target one-hot within its head
+        assert (
+            abs(sum(float(r[c]) for c in dr_cols) - 1) < 1e-4
+            and abs(sum(float(r[c]) for c in oct_cols) - 1) < 1e-4
+        )
+        assert (
+            sum(int(r[f"true_dr:{c}"]) for c in DR_GRADES)
+            == 1
+            == sum(int(r[f"true_oct:{c}"]) for c in OCT_CLASSES)
+        )
+    keys = [r["key"] for r in rows]
+    assert (
+        len(keys)
+        == len(set(keys))
+        == json.loads((data / "sh-fusion_multiclass" / "manifest.json").read_text())["splits"]["val"]["count"]
+    )
+
+    proc = run_cli("export", "--run", str(run), "--format", "onnx")
+    assert json.loads(proc.stdout)["max_abs_diff"] <= 1e-4
+    card = (run / "export" / "MODEL_CARD.md").read_text()
+    assert "a softmax per head: dr, oct" in card and "paired virtually" in card
+    assert "dr_qwk" in card and "oct_macro_auroc" in card

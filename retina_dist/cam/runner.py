@@ -3,11 +3,10 @@ exact-once evaluation stream; rank 0 gathers, checks each selected sample was re
 and writes ``cam/<split>/index.{csv,html}``, the localisation scores (``cam/<split>/summary.json``) and
 TensorBoard (appended to).
 
-Single-image models use pytorch-grad-cam (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, EigenCAM) on
-the family's default layer (ViT through a token -> grid reshape). The dual-eye and fusion models run
-both eyes / both modalities through encoders inside one graph, which the library's one-input hooks
-cannot split, and fusion encoders are frozen under no_grad: they get gradient-free EigenCAM on their
-encoder per eye / modality, and the dual-eye model also shows its cross-attention between the eyes.
+The methods are ``explainers.METHODS`` (the CAM family, Integrated Gradients, attention rollout).
+Each map is computed at the network input, then drawn and scored on the stored image (the pack's
+own pixels and lesion mask, up to 512 px): the same pointing / energy / IoU and the same centre prior
+at the resolution a clinician looks at. The dual-eye model also shows its cross-attention.
 """
 
 from __future__ import annotations
@@ -17,54 +16,30 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from retina_dist import atomic, dist
 from retina_dist.cam import localisation, render
-from retina_dist.cam.targets import target_layer, vit_reshape
+from retina_dist.cam.explainers import Explainer, norm01
+from retina_dist.cam.stored import Stored, StoredReader, to_stored
 from retina_dist.config import ConfigError
 from retina_dist.data.stream import make_loader
 from retina_dist.data.stream.feeder import DeviceInputs
 from retina_dist.engine.evaluate import check_exact_once
 from retina_dist.engine.specs import eval_spec
-from retina_dist.models import DualEyeNet, LateFusionNet
+from retina_dist.models import DualEyeNet
 from retina_dist.run import LoadedRun, RunDir, load_run
+from retina_dist.tasks import Task
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"  # cam/<split>/summary.json: the pass's method, counts and localisation scores
-
-
-def cam_methods() -> dict[str, Any]:
-    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
-
-    return {
-        "gradcam": GradCAM,
-        "gradcam++": GradCAMPlusPlus,
-        "xgradcam": XGradCAM,
-        "layercam": LayerCAM,
-        "eigencam": EigenCAM,
-    }
-
-
-def build_cams(model: torch.nn.Module, method: str, layer_name: str = "") -> tuple[str, list[Any]]:
-    """The CAM objects for ``model``: one for a single-image model, one per view (gradient-free
-    EigenCAM on each encoder) for the dual-eye and fusion models. Returns the method actually used."""
-    methods = cam_methods()
-    if isinstance(model, (DualEyeNet, LateFusionNet)):
-        encoders = (
-            [model.backbone, model.backbone] if isinstance(model, DualEyeNet) else [model.fundus, model.oct]
-        )
-        return "eigencam", [
-            methods["eigencam"](model=e, target_layers=[target_layer(e)], reshape_transform=vit_reshape(e))
-            for e in encoders
-        ]
-    layer = target_layer(model, layer_name)
-    return method, [methods[method](model=model, target_layers=[layer], reshape_transform=vit_reshape(model))]
 
 
 def read_predictions(
@@ -82,12 +57,21 @@ def read_predictions(
     return out
 
 
-def select(preds: dict[str, tuple[Any, np.ndarray]], how: str, limit: int, multilabel: bool) -> list[str]:
-    """The same choice on every rank: sorted keys filtered by ``how``, at most ``limit`` (0: all)."""
+def select(
+    preds: dict[str, tuple[Any, np.ndarray]],
+    how: str,
+    limit: int,
+    multilabel: bool,
+    decide: Callable[[np.ndarray], Any] | None = None,
+) -> list[str]:
+    """The same choice on every rank: sorted keys filtered by ``how``, at most ``limit`` (0: all).
+    ``multilabel``: targets are 0/1 rows; ``decide``: probabilities -> such a row (default: >= 0.5)."""
 
     def wrong(k: str) -> bool:
         t, p = preds[k]
-        return list((p >= 0.5).astype(int)) != list(t) if multilabel else int(p.argmax()) != t
+        if not multilabel:
+            return int(p.argmax()) != t
+        return list(decide(p) if decide else (p >= 0.5).astype(int)) != list(t)
 
     keys = sorted(preds)
     if how == "errors":
@@ -110,6 +94,14 @@ def select(preds: dict[str, tuple[Any, np.ndarray]], how: str, limit: int, multi
     return keys[:limit] if limit else keys
 
 
+def decided(task: Task, probs: np.ndarray) -> Any:
+    """The decision as the targets are written: a class index, or a 0/1 row (multi-label at 0.5,
+    multi-head one-hot per head)."""
+    if task.heads:
+        return np.isin(np.array(task.classes), task.decide(probs)).astype(int)
+    return (probs >= 0.5).astype(int) if task.multilabel else int(probs.argmax())
+
+
 def _names(label: Any, classes: tuple[str, ...], multilabel: bool) -> str:
     if multilabel:
         on = [c for c, v in zip(classes, label, strict=True) if v]
@@ -122,11 +114,6 @@ def _explain_classes(target: Any, probs: np.ndarray, multilabel: bool) -> list[i
         return [int(probs.argmax())]
     chosen = sorted({i for i, v in enumerate(target) if v} | {i for i, p in enumerate(probs) if p >= 0.5})
     return chosen[:3] or [int(probs.argmax())]
-
-
-def _norm01(a: np.ndarray) -> np.ndarray:
-    a = a - a.min()
-    return a / a.max() if a.max() > 0 else a
 
 
 def run_cam(
@@ -145,9 +132,6 @@ def run_cam(
 def _run(
     loaded: LoadedRun, env: dist.DistEnv, split: str, method: str, limit: int, how: str, layer_name: str
 ):
-    methods = cam_methods()
-    if method not in methods:
-        raise ConfigError(f"cam method {method!r}: expected one of {', '.join(methods)}")
     run, cfg, task, views = loaded.run, loaded.cfg, loaded.task, loaded.views
     d = cfg.data
     device = dist.device_for(env)
@@ -155,9 +139,11 @@ def _run(
     # Gradients must reach the target layer even where training froze it (linear probing); this
     # copy of the weights is the pass's own and is never saved.
     model.requires_grad_(True)
-    preds = read_predictions(run.training.predictions(split), task.classes, task.multilabel)
-    chosen = set(select(preds, how, limit, task.multilabel))
-    spec = eval_spec(cfg, loaded.manifest, task, split, batch_size=16, with_masks=len(views) == 1)
+    explainer = Explainer(model, method, layer_name)
+    vector = task.vector_target
+    preds = read_predictions(run.training.predictions(split), task.classes, vector)
+    chosen = set(select(preds, how, limit, vector, lambda p: decided(task, p)))
+    spec = eval_spec(cfg, loaded.manifest, task, split, batch_size=16)
     inputs = DeviceInputs(d.mean, d.std, d.in_chans, device)
     out_dir = run.cam(split)
     if env.is_main and out_dir.exists():  # a fresh set: no overlay from an earlier selection lingers
@@ -165,9 +151,7 @@ def _run(
     dist.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    method, cams = build_cams(model, method, layer_name)
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
+    reader = StoredReader((path for path, _ in spec.shards), chosen, views)
     rows: list[dict] = []
     started = time.perf_counter()
     for batch in make_loader(spec, env.rank, env.world_size, cfg.data.workers):
@@ -175,36 +159,39 @@ def _run(
         if not idx:
             continue
         x, _ = inputs(batch)
-        x = x[idx]
-        raw = batch["image"][idx].numpy()  # uint8, B x C x H x W (or B x V x C x H x W)
-        masks = batch["mask"][idx].numpy() if "mask" in batch else None
-        for j, i in enumerate(idx):
+        stored = reader.get(batch["key"][i] for i in idx)
+        for i in idx:
             key = batch["key"][i]
             target, probs = preds[key]
             true, pred = (
-                _names(target, task.classes, task.multilabel),
-                _names(
-                    (probs >= 0.5).astype(int) if task.multilabel else int(probs.argmax()),
-                    task.classes,
-                    task.multilabel,
-                ),
+                _names(target, task.classes, vector),
+                _names(decided(task, probs), task.classes, vector),
             )
+            s = stored[key]
             if len(views) > 1:
-                rows.append(_multi_view(model, cams, x[j : j + 1], raw[j], key, true, pred, out_dir, views))
+                rows.append(
+                    _multi_view(model, explainer, x[i : i + 1], s, key, true, pred, out_dir, views, d)
+                )
                 continue
-            image = raw[j].transpose(1, 2, 0) if raw[j].shape[0] == 3 else raw[j][0]
             for c in _explain_classes(target, probs, task.multilabel):
-                heat = cams[0](input_tensor=x[j : j + 1], targets=[ClassifierOutputTarget(c)])[0]
+                heat = to_stored(explainer(x[i : i + 1], c)[0], s.views[0].shape[:2], d.image_size)
                 suffix = task.classes[c] if task.multilabel else ""
-                name = render.file_name(key, true, pred, method, suffix)
-                render.write_png(out_dir / name, render.overlay(image, heat))
+                name = render.file_name(key, true, pred, explainer.method, suffix)
+                columns = [
+                    (f"{key} ({s.views[0].shape[1]}x{s.views[0].shape[0]})", s.views[0]),
+                    (
+                        f"{explainer.label}: {task.classes[c]} (p {probs[c]:.2f})",
+                        render.overlay(s.views[0], heat),
+                    ),
+                ]
                 row = {"key": key, "file": name, "true": true, "pred": pred, "class": task.classes[c]}
-                if masks is not None and masks[j].any():
-                    mask = masks[j]
-                    centre = localisation.centre_baseline(mask.shape)
-                    row["class"] = _names(target, task.classes, task.multilabel)
-                    row.update({f"cam_{k}": v for k, v in localisation.score(heat, mask).items()})
-                    row.update({f"centre_{k}": v for k, v in localisation.score(centre, mask).items()})
+                if s.mask is not None and s.mask.any():
+                    columns.append((f"lesion mask (true {true})", render.mask_view(s.views[0], s.mask)))
+                    centre = localisation.centre_baseline(s.mask.shape)
+                    row["class"] = true
+                    row.update({f"cam_{k}": v for k, v in localisation.score(heat, s.mask).items()})
+                    row.update({f"centre_{k}": v for k, v in localisation.score(centre, s.mask).items()})
+                render.write_png(out_dir / name, render.compose(columns))
                 rows.append(row)
     local_s = time.perf_counter() - started
     parts = dist.gather_objects((rows, local_s))
@@ -216,18 +203,23 @@ def _run(
     seen_files = [r["file"] for r in rows]
     if len(seen_files) != len(set(seen_files)):
         raise RuntimeError("a CAM overlay was rendered twice")
-    return _write(rows, task.classes, split, method, run, out_dir, wall, env.world_size)
+    return _write(rows, task.classes, split, explainer, run, out_dir, wall, env.world_size)
 
 
-def _multi_view(model, cams, x, raw, key, true, pred, out_dir, views) -> dict:
-    panels = []
-    for v, cam in enumerate(cams):
-        img = raw[v].transpose(1, 2, 0) if raw[v].shape[0] == 3 else raw[v][0]
-        heat = cam(input_tensor=x[:, v], targets=None)[0]
-        panels.append(render.overlay(img, heat))
+def _multi_view(model, explainer, x, s: Stored, key, true, pred, out_dir, views, d) -> dict:
+    columns = []
+    heats = explainer(x, 0)
+    for v, heat in enumerate(heats):
+        img = s.views[v]
+        columns += [
+            (views[v], img),
+            (
+                f"{explainer.label} ({views[v]})",
+                render.overlay(img, to_stored(heat, img.shape[:2], d.image_size)),
+            ),
+        ]
     name = render.file_name(key, true, pred, "eigencam", "-".join(views))
-    gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
-    render.write_png(out_dir / name, np.concatenate([panels[0], gap, panels[1]], axis=1))
+    render.write_png(out_dir / name, render.compose(columns))
     row = {"key": key, "file": name, "true": true, "pred": pred, "class": true}
     if isinstance(model, DualEyeNet):  # where each eye looked in the other one
         with torch.no_grad():
@@ -238,25 +230,30 @@ def _multi_view(model, cams, x, raw, key, true, pred, out_dir, views) -> dict:
             side = math.isqrt(w.numel())
             w = w[w.numel() - side * side :]  # a ViT backbone's class/register tokens lead: not pixels
             grid = F.interpolate(w.reshape(1, 1, side, side), size=x.shape[-2:], mode="bilinear")[0, 0]
-            img = raw[target_view].transpose(1, 2, 0)
-            att.append(render.overlay(img, _norm01(grid.cpu().numpy())))
+            img = s.views[target_view]
+            heat = to_stored(norm01(grid.cpu().numpy()), img.shape[:2], d.image_size)
+            other = views[1 - target_view]
+            att.append((f"{other} attending on {views[target_view]}", render.overlay(img, heat)))
         name2 = render.file_name(key, true, pred, "crossattention", "left-on-right_right-on-left")
-        render.write_png(out_dir / name2, np.concatenate([att[0], gap, att[1]], axis=1))
+        render.write_png(out_dir / name2, render.compose(att))
         row["attention_file"] = name2
     return row
 
 
-def _write(rows, classes, split, method, run: RunDir, out_dir, wall, world) -> dict:
+def _write(rows, classes, split, explainer: Explainer, run: RunDir, out_dir, wall, world) -> dict:
     rows.sort(key=lambda r: r["file"])
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("key", "file", "true", "pred"), k))
     with open(out_dir / "index.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    (out_dir / "index.html").write_text(render.index_html(rows, f"{method} — {split}"))
     scored = [r for r in rows if "cam_energy" in r]
+    method = explainer.method
     summary = {
         "method": method,
+        "layer": explainer.layer,
+        "label": explainer.label,
+        "scored_at": "stored image",
         "rendered": len(rows),
         "samples": len({r["key"] for r in rows}),
         "ranks": world,
@@ -264,6 +261,7 @@ def _write(rows, classes, split, method, run: RunDir, out_dir, wall, world) -> d
         "localisation": localisation.summarise(scored, classes) if scored else None,
     }
     atomic.write_json(out_dir / SUMMARY, summary)
+    (out_dir / "index.html").write_text(render.index_html(rows, f"{explainer.label} — {split}", summary))
     step = run.read_metrics().get(split, {}).get("step", 0)
     _tensorboard(rows, summary, split, run.tb, out_dir, step)
     log.info(
@@ -288,7 +286,7 @@ def _tensorboard(rows, summary, split, tb_dir: Path, out_dir, step) -> None:
 
     from retina_dist.data.codec import decode
 
-    imgs = [decode((out_dir / r["file"]).read_bytes()) for r in rows[:16]]
+    imgs = [_fit_height(decode((out_dir / r["file"]).read_bytes()), 384) for r in rows[:8]]
     if not imgs:
         return
     h = max(i.shape[0] for i in imgs)
@@ -296,7 +294,7 @@ def _tensorboard(rows, summary, split, tb_dir: Path, out_dir, step) -> None:
     padded = [
         np.pad(i, ((0, h - i.shape[0]), (0, w - i.shape[1]), (0, 0)), constant_values=255) for i in imgs
     ]
-    grid = np.concatenate(padded, axis=0)  # one column: overlays are already two panels wide
+    grid = np.concatenate(padded, axis=0)  # one column: each picture is already three panels wide
     with SummaryWriter(str(tb_dir)) as tb:  # appends: no purge, the training's events stay
         tb.add_image(f"{split}/cam_{summary['method']}", grid, step, dataformats="HWC")
         loc = summary["localisation"] or {}
@@ -305,3 +303,10 @@ def _tensorboard(rows, summary, split, tb_dir: Path, out_dir, step) -> None:
                 tb.add_scalar(f"{split}/cam/{k}", loc[k], step)
         if summary["images_per_s"]:
             tb.add_scalar(f"{split}/cam/images_per_s", summary["images_per_s"], step)
+
+
+def _fit_height(img: np.ndarray, h: int) -> np.ndarray:
+    """Shrunk to ``h`` rows if taller: eight 512 px triptychs in one TensorBoard image stay viewable."""
+    if img.shape[0] <= h:
+        return img
+    return cv2.resize(img, (round(img.shape[1] * h / img.shape[0]), h), interpolation=cv2.INTER_AREA)

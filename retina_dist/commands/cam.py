@@ -12,7 +12,11 @@ HELP = "class activation maps for a run, exact-once across ranks, scored on lesi
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="the trained run's folder")
     p.add_argument("--split", help="default: the run's cam.split (val)")
-    p.add_argument("--method", help="gradcam | gradcam++ | xgradcam | layercam | eigencam")
+    p.add_argument(
+        "--method",
+        help="gradcam | gradcam++ | xgradcam | layercam | eigencam | "
+        "ig (Integrated Gradients) | rollout (ViT attention)",
+    )
     p.add_argument("--select", help="all | errors | correct | per-class:K")
     p.add_argument("--limit", type=int, help="at most N samples (0: all)")
     p.add_argument("--target-layer", help="module path to explain instead of the family's default")

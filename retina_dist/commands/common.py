@@ -171,7 +171,7 @@ def pack_if_missing(cfg: Config) -> None:
         log.warning(
             "data.src is empty: packing a synthetic %s twin (%d samples) written to %s", d.dataset, d.n, twin
         )
-        if d.dataset == "fusion":
+        if d.dataset in ("fusion", "fusion_multiclass"):
             src = synth("aptos", twin / "aptos", d.n, d.pack_size, cfg.train.seed)
             oct_src = synth("kermany", twin / "kermany", d.n, d.pack_size, cfg.train.seed)
         else:

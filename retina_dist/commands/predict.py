@@ -20,17 +20,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", default="preds.csv", help="CSV of probabilities (skipped inputs: <out>.skipped.csv)"
     )
     p.add_argument("--tta", action="store_true", default=None, help="average with the horizontal flip")
-    p.add_argument("--cam", action="store_true", help="write a CAM overlay per image into <out>_cam/")
+    p.add_argument(
+        "--cam", action="store_true", help="an explanation per image into <out>_cam/, by the run's cam.method"
+    )
+    p.add_argument(
+        "--explain",
+        metavar="METHOD",
+        help="an explanation per image into <out>_cam/ by METHOD: gradcam | gradcam++ | xgradcam | "
+        "layercam | eigencam | ig (Integrated Gradients, captum) | rollout (ViT attention)",
+    )
     p.add_argument("--batch", type=int, default=32, help="images per forward")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from retina_dist.cam.explainers import METHODS
     from retina_dist.config import ConfigError
     from retina_dist.infer.predict import predict_files
     from retina_dist.infer.predictor import Predictor
 
+    if args.explain and args.explain not in METHODS:
+        raise ConfigError(f"--explain {args.explain!r}: expected one of {', '.join(METHODS)}")
     if (args.left is None) != (args.right is None):
         raise ConfigError("--left and --right go together")
     if not args.inputs and args.left is None:
@@ -40,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--left/--right: the model of {args.run} takes one image, not a pair")
     pairs = (args.left, args.right) if args.left is not None else None
     try:
-        s = predict_files(p, args.inputs, Path(args.out), pairs, args.batch, args.cam, not args.no_progress)
+        explain = args.explain or ("cam" if args.cam else "")
+        s = predict_files(p, args.inputs, Path(args.out), pairs, args.batch, explain, not args.no_progress)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     print(f"predicted {s.predicted} in {s.seconds:.1f} s ({s.images_per_s:.1f} samples/s) -> {s.out}")

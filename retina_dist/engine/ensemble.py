@@ -19,21 +19,22 @@ from retina_dist.engine.monitor import Monitor
 from retina_dist.engine.specs import eval_spec
 from retina_dist.run import load_run
 from retina_dist.run.folder import Results, RunDir
+from retina_dist.tasks import Task
 
 log = logging.getLogger(__name__)
 COMBINE = ("probs", "logits")
 
 
-def combine(probs: list[np.ndarray], weights: list[float], how: str, multilabel: bool) -> np.ndarray:
+def combine(probs: list[np.ndarray], weights: list[float], how: str, task: Task) -> np.ndarray:
     """The weighted mean of the members' probabilities, or of their logits mapped back."""
     w = np.asarray(weights, dtype=np.float64) / sum(weights)
     if how == "probs":
         return np.tensordot(w, np.stack(probs), axes=1)
-    z = np.tensordot(w, np.stack([calibration.to_logits(p, multilabel) for p in probs]), axes=1)
-    if multilabel:
-        return 1 / (1 + np.exp(-z))
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
+    z = np.tensordot(w, np.stack([calibration.to_logits(p, task.multilabel) for p in probs]), axes=1)
+    # the averaged log-probabilities, back through the task's own activation (temperature 1)
+    return calibration.apply_temperature(
+        np.exp(z) if not task.multilabel else 1 / (1 + np.exp(-z)), 1.0, task.multilabel, task.groups
+    )
 
 
 def evaluate_ensemble(
@@ -74,7 +75,7 @@ def evaluate_ensemble(
             fitted = m.run.read_calibration()
             probs = preds.probs
             if fitted and m.cfg.eval.calibrate:
-                probs = calibration.apply_temperature(probs, float(fitted["temperature"]), task.multilabel)
+                probs = task.apply_temperature(probs, float(fitted["temperature"]))
             order = np.argsort(preds.keys, kind="stable")
             calibrated.append(
                 Predictions(
@@ -96,7 +97,7 @@ def evaluate_ensemble(
         ens = Predictions(
             base.keys,
             base.target,
-            combine([p.probs for p in calibrated], weights, how, task.multilabel),
+            combine([p.probs for p in calibrated], weights, how, task),
             base.patients,
         )
         folder = RunDir(out).create()
@@ -115,11 +116,11 @@ def evaluate_ensemble(
                     "run": str(m.run.root),
                     "model": m.cfg.model.name,
                     "weight": w,
-                    "metrics": _headline(task.metrics(target, p.probs)),
+                    "metrics": _headline(task.metrics(target, p.probs), task),
                 }
                 for m, w, p in zip(members, weights, calibrated, strict=True)
             ],
-            "ensemble": _headline(metrics),
+            "ensemble": _headline(metrics, task),
         }
         atomic.write_json(folder.root / "ensemble.json", record)
         atomic.write_text(folder.root / "model_card.md", _card(record, task.classes))
@@ -129,10 +130,10 @@ def evaluate_ensemble(
         dist.destroy()
 
 
-def _headline(m: dict[str, Any]) -> dict[str, float]:
-    from retina_dist.infer.model_card import HEADLINE
+def _headline(m: dict[str, Any], task: Task) -> dict[str, float]:
+    from retina_dist.infer.model_card import is_headline
 
-    return {k: float(m[k]) for k in HEADLINE if isinstance(m.get(k), int | float)}
+    return {k: float(v) for k, v in m.items() if is_headline(k, task) and isinstance(v, int | float)}
 
 
 def _card(record: dict[str, Any], classes: tuple[str, ...]) -> str:

@@ -125,7 +125,7 @@ def write_predictions(preds: Predictions, task: Task, path: Path) -> None:
         w.writerow(["key", *task.target_columns(), *[f"prob_{c}" for c in task.classes]])
         for i in order:
             t = preds.target[i]
-            tcols = [int(v) for v in t] if task.multilabel else [int(t)]
+            tcols = [int(v) for v in t] if task.vector_target else [int(t)]
             w.writerow([preds.keys[i], *tcols, *[f"{p:.6f}" for p in preds.probs[i]]])
 
 
@@ -137,7 +137,7 @@ def calibrate(preds: Predictions, task: Task, split: str, run: RunDir, fit: bool
     if fit:
         fitted: dict[str, Any] = {
             "split": split,
-            "temperature": calibration.fit_temperature(preds.probs, target, task.multilabel),
+            "temperature": task.fit_temperature(preds.probs, target),
         }
         if task.multilabel:
             fitted["thresholds"] = dict(
@@ -149,11 +149,8 @@ def calibrate(preds: Predictions, task: Task, split: str, run: RunDir, fit: bool
         if not fitted:
             return {}
     t = float(fitted["temperature"])
-    scaled = calibration.apply_temperature(preds.probs, t, task.multilabel)
-    if task.multilabel:
-        conf, correct = scaled.ravel(), target.ravel().astype(float)
-    else:
-        conf, correct = scaled.max(1), (scaled.argmax(1) == target).astype(float)
+    scaled = task.apply_temperature(preds.probs, t)
+    conf, correct = task.confidence(scaled, target)
     out: dict[str, Any] = {
         "temperature": t,
         "ece_calibrated": metrics.expected_calibration_error(conf, correct),
@@ -194,7 +191,7 @@ def report(
     _figures(target, preds.probs, m, task, split, results, monitor, tag, step)
     probs = preds.probs
     if "temperature" in m:
-        probs = calibration.apply_temperature(probs, float(m["temperature"]), task.multilabel)
+        probs = task.apply_temperature(probs, float(m["temperature"]))
     pp = patients.aggregate(preds.patients, target, probs, task, patient_agg)
     if pp is not None:
         name = f"{split}_patients"
@@ -232,23 +229,23 @@ def _figures(
 ) -> None:
     fig_dir = results.figures
     fig_dir.mkdir(parents=True, exist_ok=True)
-    onehot = target if task.multilabel else np.eye(task.num_classes)[target]
+    onehot = target if task.vector_target else np.eye(task.num_classes)[target]
     figs = {
         "roc": figures.roc(onehot, probs, task.classes, f"ROC — {split}"),
         "pr": figures.pr(onehot, probs, task.classes, f"precision-recall — {split}"),
         "f1": figures.f1_bars(m["per_class_f1"], f"per-class F1 — {split}"),
     }
-    if task.multilabel:
-        conf, correct = probs.ravel(), target.ravel().astype(float)
-    else:
-        conf, correct = probs.max(1), (probs.argmax(1) == target).astype(float)
+    conf, correct = task.confidence(probs, target)
     figs["reliability"] = figures.reliability(conf, correct, f"reliability (ECE {m['ece']:.3f}) — {split}")
-    if not task.multilabel:
+    if task.type == "multiclass":
         cm = np.array(m["confusion_matrix"])
         figs["confusion"] = figures.confusion(cm, task.classes, False, f"confusion — {split}")
         figs["confusion_norm"] = figures.confusion(
             cm, task.classes, True, f"confusion (row-normalised) — {split}"
         )
+    for name, classes, _ in task.head_columns():
+        cm = np.array(m["heads"][name]["confusion_matrix"])
+        figs[f"{name}_confusion"] = figures.confusion(cm, classes, False, f"{name} confusion — {split}")
     for name, fig in figs.items():
         fig.savefig(fig_dir / f"{split}_{name}.png")
         monitor.figure(f"{tag}/{name}", fig, step)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from retina_dist import atomic, calibration, dist
+from retina_dist import atomic, dist
 from retina_dist.config import ConfigError
 from retina_dist.data.manifest import load_manifest
 from retina_dist.engine.evaluate import Predictions, report, run_evaluator
@@ -124,9 +124,7 @@ def evaluate_external(
     if split not in other.splits:
         raise ConfigError(f"{shards}: no {split!r} split (it has {', '.join(other.splits)})")
     if tuple(other.views) != tuple(loaded.manifest.views):
-        raise ConfigError(
-            f"{shards}: samples of views {other.views}, the run takes {loaded.manifest.views}"
-        )
+        raise ConfigError(f"{shards}: samples of views {other.views}, the run takes {loaded.manifest.views}")
     other_task = build_task(other)
     if label_map:
         lm = read_label_map(label_map, run_task, other_task)
@@ -148,7 +146,7 @@ def evaluate_external(
         fitted = run.read_calibration()
         if fitted and cfg.eval.calibrate:
             t = float(fitted["temperature"])
-            preds.probs = calibration.apply_temperature(preds.probs, t, run_task.multilabel)
+            preds.probs = run_task.apply_temperature(preds.probs, t)
         mapped = map_predictions(preds, lm, run_task, other_task)
         results = run.evaluation(f"external-{name}-{split}")
         results.root.mkdir(parents=True, exist_ok=True)

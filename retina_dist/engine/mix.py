@@ -30,7 +30,7 @@ def build_mix(o: OptimConfig, task: Task, image_size: int) -> Mix | None:
         switch_prob=o.mix_switch_prob,
         label_smoothing=o.label_smoothing,
         num_classes=task.num_classes,
-        multi_label=task.multilabel,
+        multi_label=task.vector_target,
     )
 
     def mix(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

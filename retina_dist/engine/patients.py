@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,23 +45,41 @@ def aggregate(
     agg_probs, agg_target = [], []
     for name in names:
         idx = groups[name]
-        mine = probs[idx]
-        if rule == "mean":
-            agg = mine.mean(0)
-        else:
-            agg = mine.max(0)
-            if not task.multilabel:
-                agg = agg / agg.sum()  # still a distribution over the classes
-        agg_probs.append(agg)
-        t = target[idx]
-        if task.multilabel:
-            agg_target.append(t.max(0))
-        else:
-            counts = np.bincount(t.astype(int), minlength=task.num_classes)
-            agg_target.append(int(np.flatnonzero(counts == counts.max())[-1]))
+        agg_probs.append(_combine(probs[idx], rule, task))
+        agg_target.append(_majority(target[idx], task))
     return PatientPredictions(
         names, np.array([len(groups[n]) for n in names]), np.array(agg_target), np.stack(agg_probs)
     )
+
+
+def _combine(mine: np.ndarray, rule: str, task: Task) -> np.ndarray:
+    if rule == "mean":
+        return mine.mean(0)
+    agg = mine.max(0)
+    if task.multilabel:
+        return agg
+    parts = [(slice(None))] if not task.heads else [s for _, _, s in task.head_columns()]
+    for s in parts:  # still a distribution over the classes (of each head)
+        agg[s] = agg[s] / agg[s].sum()
+    return agg
+
+
+def _majority(t: np.ndarray, task: Task) -> Any:
+    """The class most of the patient's images carry, a tie going to the higher class (the worse
+    grade); per head for a multi-head task; any image's classes for a multi-label one."""
+    if task.multilabel:
+        return t.max(0)
+    if task.heads:
+        row = np.zeros(task.num_classes, dtype=t.dtype)
+        for _, classes, s in task.head_columns():
+            row[s.start + _majority_index(t[:, s].argmax(1), len(classes))] = 1
+        return row
+    return _majority_index(t.astype(int), task.num_classes)
+
+
+def _majority_index(indices: np.ndarray, n: int) -> int:
+    counts = np.bincount(indices, minlength=n)
+    return int(np.flatnonzero(counts == counts.max())[-1])
 
 
 def write(pp: PatientPredictions, task: Task, path: Path) -> None:
@@ -70,5 +89,5 @@ def write(pp: PatientPredictions, task: Task, path: Path) -> None:
         w.writerow(["patient", "images", *task.target_columns(), *[f"prob_{c}" for c in task.classes]])
         for i, name in enumerate(pp.patients):
             t = pp.target[i]
-            tcols = [int(v) for v in t] if task.multilabel else [int(t)]
+            tcols = [int(v) for v in t] if task.vector_target else [int(t)]
             w.writerow([name, int(pp.images[i]), *tcols, *[f"{p:.6f}" for p in pp.probs[i]]])

@@ -108,7 +108,9 @@ class Trainer:
         total = self.steps_per_epoch * cfg.train.epochs
 
         reports: list[LoadReport] = []
-        model = build_model(cfg.model, self.task.num_classes, d.in_chans, d.image_size, reports)
+        model = build_model(
+            cfg.model, self.task.num_classes, d.in_chans, d.image_size, reports, self.task.groups
+        )
         if reports and self.env.is_main:
             self.run.write_pretrained_report([r.to_dict() for r in reports])
         o = cfg.optim
@@ -314,7 +316,7 @@ class Trainer:
         """The validation figure best.pt is chosen by (higher is better; undefined counts as worst)."""
         key = self.cfg.eval.best_metric
         if key == "auto":
-            key = "macro_auroc" if self.task.multilabel else "accuracy"
+            key = "accuracy" if self.task.type == "multiclass" else "macro_auroc"
         if key not in m:
             known = sorted(k for k, v in m.items() if isinstance(v, float))
             raise ConfigError(f"eval.best_metric {key!r} is not a metric of this task; one of {known}")

@@ -14,7 +14,8 @@ import numpy as np
 from tqdm import tqdm
 
 from retina_dist.cam import render
-from retina_dist.data.codec import CorruptImage
+from retina_dist.data.codec import CorruptImage, decode
+from retina_dist.data.preprocess import as_packed
 from retina_dist.infer.inputs import Sample, Skipped, collect
 from retina_dist.infer.predictor import Predictor
 
@@ -33,8 +34,8 @@ class Summary:
         return self.predicted / self.seconds if self.seconds else 0.0
 
 
-def _load(predictor: Predictor, sample: Sample) -> np.ndarray:
-    return predictor.prepare_bytes([v.read() for v in sample.views], [v.name for v in sample.views])
+def _load(sample: Sample) -> list[np.ndarray]:
+    return [decode(v.read(), v.name) for v in sample.views]
 
 
 def predict_files(
@@ -43,13 +44,17 @@ def predict_files(
     out: Path,
     pairs: tuple[list[str], list[str]] | None = None,
     batch_size: int = 32,
-    cam: bool = False,
+    explain: str = "",
     progress: bool = True,
 ) -> Summary:
+    """Calibrated predictions for ``paths`` into the CSV ``out``; with ``explain`` (a method of
+    ``cam.explainers``, or 'cam' for the run's own), one explanation picture per sample in
+    ``<out>_cam/``, drawn on the image at the pack's stored size."""
     samples, skipped = collect(paths, predictor.views, pairs)
     summary = Summary(skipped=skipped, out=str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     cam_dir = out.with_name(out.stem + "_cam")
+    cam = bool(explain)
     if cam:
         cam_dir.mkdir(exist_ok=True)
     classes = predictor.task.classes
@@ -62,11 +67,14 @@ def predict_files(
         w = csv.writer(fh)
         w.writerow(["name", "predicted", *[f"prob_{c}" for c in classes], *(["cam"] if cam else [])])
         for i in range(0, len(samples), batch_size):
-            names, arrays = [], []
+            names, arrays, shown = [], [], []
             for s in samples[i : i + batch_size]:
                 try:
-                    arrays.append(_load(predictor, s))
+                    images = _load(s)
+                    arrays.append(predictor.prepare(images))
                     names.append(s.name)
+                    if cam:
+                        shown.append([as_packed(im, predictor.max_side) for im in images])
                 except (CorruptImage, OSError, ValueError) as err:
                     summary.skipped.append(Skipped(s.name, str(err).removeprefix(f"{s.name}: ")))
                     log.warning("skipping %s: %s", s.name, err)
@@ -77,7 +85,10 @@ def predict_files(
                     if cam:
                         stem = render.safe(Path(name.split("|")[0]).stem) or "image"  # e.g. a name in CJK
                         file = f"{i + j:06d}_{stem}.png"
-                        render.write_png(cam_dir / file, predictor.overlay(batch[j], res))
+                        method = "" if explain == "cam" else explain
+                        render.write_png(
+                            cam_dir / file, predictor.explanation(batch[j], res, shown[j], method)
+                        )
                         row.append(str(cam_dir / file))
                     w.writerow(row)
                 summary.predicted += len(names)

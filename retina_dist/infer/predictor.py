@@ -17,7 +17,6 @@ from retina_dist.data.preprocess import as_packed
 from retina_dist.data.preprocess import view as prepare_view
 from retina_dist.data.stream.augment import build_transform
 from retina_dist.data.stream.feeder import DeviceInputs
-from retina_dist.models import DualEyeNet, LateFusionNet
 from retina_dist.run import load_run
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ class Predictor:
             if self.task.multilabel
             else None
         )
-        self._cams: list[Any] | None = None
+        self._explainer: Any = None
 
     # -- preprocessing --------------------------------------------------------------------------
     def prepare(self, images: list[np.ndarray]) -> np.ndarray:
@@ -78,47 +77,42 @@ class Predictor:
         p = self.task.probabilities(self.model(x))
         if self.tta:
             p = (p + self.task.probabilities(self.model(x.flip(-1)))) / 2
-        return calibration.apply_temperature(p.float().cpu().numpy(), self.temperature, self.task.multilabel)
+        return self.task.apply_temperature(p.float().cpu().numpy(), self.temperature)
 
     def decide(self, probs: np.ndarray) -> list[str]:
         if self.thresholds is not None:  # multi-label
             return [c for c, p, t in zip(self.task.classes, probs, self.thresholds, strict=True) if p >= t]
-        return [self.task.classes[int(np.argmax(probs))]]
+        return self.task.decide(probs)
 
     def results(self, batch: np.ndarray) -> list[Result]:
         return [Result(p, self.decide(p)) for p in self.probabilities(batch)]
 
     # -- explanation ----------------------------------------------------------------------------
-    def overlay(self, sample: np.ndarray, result: Result) -> np.ndarray:
-        """The CAM of the predicted class (the most likely one if no multi-label class passed its
-        threshold) beside the image, for each view: RGB uint8."""
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
+    def explanation(
+        self, sample: np.ndarray, result: Result, shown: list[np.ndarray], method: str = ""
+    ) -> np.ndarray:
+        """``method``'s map (the run's ``cam.method`` by default) of the predicted class (the most
+        likely one if no multi-label class passed its threshold), drawn over ``shown``: each view as
+        the pack would store it (``as_packed``), not the network input. Image | overlay per view,
+        titled, with the colour bar: RGB uint8."""
         from retina_dist.cam import render
-        from retina_dist.cam.runner import build_cams, cam_methods
+        from retina_dist.cam.explainers import Explainer
+        from retina_dist.cam.stored import to_stored
 
-        multi = isinstance(self.model, (DualEyeNet, LateFusionNet))
-        if self._cams is None:
-            method = self.cfg.cam.method if self.cfg.cam.method in cam_methods() else "gradcam"
-            _, self._cams = build_cams(self.model, method, self.cfg.cam.target_layer)
+        method = method or self.cfg.cam.method
+        if self._explainer is None or self._explainer.method != method:
+            self._explainer = Explainer(self.model, method, self.cfg.cam.target_layer)
+        ex = self._explainer
         x = self.inputs.images(torch.from_numpy(np.ascontiguousarray(sample[None])))
-        with torch.enable_grad():
-            if multi:
-                heats = [cam(input_tensor=x[:, v], targets=None)[0] for v, cam in enumerate(self._cams)]
-                raws = list(sample)
-            else:
-                c = (
-                    self.task.classes.index(result.predicted[0])
-                    if result.predicted
-                    else int(np.argmax(result.probs))
-                )
-                heats = [self._cams[0](input_tensor=x, targets=[ClassifierOutputTarget(c)])[0]]
-                raws = [sample]
-        panels = [
-            render.overlay(r.transpose(1, 2, 0) if r.shape[0] == 3 else r[0], h)
-            for r, h in zip(raws, heats, strict=True)
-        ]
-        if len(panels) == 1:
-            return panels[0]
-        gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
-        return np.concatenate([panels[0], gap, panels[1]], axis=1)
+        c = self.task.classes.index(result.predicted[0]) if result.predicted else int(np.argmax(result.probs))
+        columns = []
+        for v, (img, heat) in enumerate(zip(shown, ex(x, c), strict=True)):
+            rgb = img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2)
+            what = (
+                self.views[v] if len(self.views) > 1 else f"{self.task.classes[c]} (p {result.probs[c]:.2f})"
+            )
+            columns += [
+                (f"{self.views[v]} ({rgb.shape[1]}x{rgb.shape[0]})", rgb),
+                (f"{ex.label}: {what}", render.overlay(rgb, to_stored(heat, rgb.shape[:2], self.image_size))),
+            ]
+        return render.compose(columns)

@@ -24,9 +24,11 @@ def build_model(
     in_chans: int,
     image_size: int = 0,
     reports: list[LoadReport] | None = None,
+    heads: tuple[int, ...] = (),
 ) -> nn.Module:
     """The model of ``cfg`` for inputs of ``image_size`` (ViTs are built for it, and pretrained
-    pos_embed resampled to it); each pretrained load's report is appended to ``reports``."""
+    pos_embed resampled to it); each pretrained load's report is appended to ``reports``.
+    ``heads``: a multi-head task's columns per head (the late-fusion net gets one output layer each)."""
     loads: list[LoadReport] = [] if reports is None else reports
     if cfg.arch == "dual_eye":
         backbone = create(
@@ -38,7 +40,7 @@ def build_model(
             backbone.requires_grad_(False)
         model: nn.Module = DualEyeNet(backbone, num_classes, cfg.embed_dim, cfg.heads)
     elif cfg.arch == "late_fusion":
-        model = _late_fusion(cfg, num_classes, loads)
+        model = _late_fusion(cfg, num_classes, loads, heads)
     else:
         model = create(
             cfg.name,
@@ -62,7 +64,9 @@ def build_model(
     return model
 
 
-def _late_fusion(cfg: ModelConfig, num_classes: int, loads: list[LoadReport]) -> nn.Module:
+def _late_fusion(
+    cfg: ModelConfig, num_classes: int, loads: list[LoadReport], heads: tuple[int, ...]
+) -> nn.Module:
     encoders = []
     for which, name, source in (
         ("fundus", cfg.fundus_name, cfg.fundus_encoder),
@@ -81,7 +85,7 @@ def _late_fusion(cfg: ModelConfig, num_classes: int, loads: list[LoadReport]) ->
             loads.append(load_pretrained(enc, state))
         encoders.append((enc, chans))
     (fundus, _), (oct_enc, oct_chans) = encoders
-    return LateFusionNet(fundus, oct_enc, num_classes, cfg.embed_dim, oct_in_chans=oct_chans)
+    return LateFusionNet(fundus, oct_enc, num_classes, cfg.embed_dim, oct_in_chans=oct_chans, heads=heads)
 
 
 def _in_chans(state: dict[str, torch.Tensor]) -> int:

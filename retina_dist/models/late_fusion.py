@@ -1,6 +1,8 @@
 """Fundus + OCT late fusion: two encoders trained in earlier runs, frozen (weights and BatchNorm
 statistics), their embeddings concatenated, an MLP head on top. Input B x 2 x C x H x W
-(fundus, oct)."""
+(fundus, oct). With ``heads`` (columns per head, e.g. 5 DR grades and 4 OCT classes) the MLP's
+hidden layer is shared and each head has its own output layer; their logits are concatenated in
+head order, one softmax each (``tasks.Task``)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class LateFusionNet(nn.Module):
         hidden: int = 256,
         dropout: float = 0.2,
         oct_in_chans: int = 3,
+        heads: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.fundus, self.oct = fundus, oct_encoder
@@ -24,9 +27,11 @@ class LateFusionNet(nn.Module):
         for p in [*fundus.parameters(), *oct_encoder.parameters()]:
             p.requires_grad_(False)
         width = int(fundus.num_features) + int(oct_encoder.num_features)  # type: ignore[arg-type]
-        self.head = nn.Sequential(
-            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
-        )
+        if heads and sum(heads) != num_classes:
+            raise ValueError(f"heads {heads} do not add up to {num_classes} classes")
+        trunk = [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)]
+        self.head = nn.Sequential(*trunk) if heads else nn.Sequential(*trunk, nn.Linear(hidden, num_classes))
+        self.outputs = nn.ModuleList(nn.Linear(hidden, n) for n in heads)
 
     def train(self, mode: bool = True) -> LateFusionNet:
         super().train(mode)
@@ -40,4 +45,5 @@ class LateFusionNet(nn.Module):
             return torch.cat([self.fundus(x[:, 0]), self.oct(oct_x)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
+        h = self.head(self.embed(x))
+        return torch.cat([out(h) for out in self.outputs], dim=1) if len(self.outputs) else h

@@ -45,6 +45,7 @@ def load_run(path: str | Path, weights: str | Path | None = None) -> LoadedRun:
         task.num_classes,
         cfg.data.in_chans,
         cfg.data.image_size,
+        heads=task.groups,
     )
     if weights is None:
         latest = Checkpointer(run.checkpoints).latest() if run.checkpoints.is_dir() else None

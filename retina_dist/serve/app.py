@@ -19,6 +19,7 @@ from starlette.datastructures import UploadFile  # what Request.form() yields (F
 
 from retina_dist.cam import render
 from retina_dist.data.codec import CorruptImage, decode, encode
+from retina_dist.data.preprocess import as_packed
 from retina_dist.infer.model_card import model_card
 from retina_dist.infer.predictor import Predictor
 
@@ -119,7 +120,8 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 20 << 20) -> FastAP
         with lock:
             sample = predictor.prepare(images)
             result = predictor.results(sample[None])[0]
-            overlay = predictor.overlay(sample, result)
+            shown = [as_packed(im, predictor.max_side) for im in images]
+            overlay = predictor.explanation(sample, result, shown)
         png = base64.b64encode(encode(overlay, ".png")).decode()
         probs = {c: round(float(p), 6) for c, p in zip(predictor.task.classes, result.probs, strict=True)}
         return JSONResponse(

@@ -7,7 +7,7 @@ from typing import Any
 
 from retina_dist.data.sources.record import Source
 
-REAL = ("aptos", "kermany", "octmnist", "odir", "rfmid", "fusion")
+REAL = ("aptos", "kermany", "octmnist", "odir", "rfmid", "fusion", "fusion_multiclass")
 SYNTHETIC = ("synthetic", "synthetic_oct")
 
 
@@ -47,5 +47,9 @@ def build_source(name: str, **options: Any) -> Source:
     from retina_dist.data.sources.fusion import FusionSource
 
     if options.get("oct_src") is None:
-        raise ValueError("fusion: --oct-src (the Kermany folder or archive) is required beside --src (APTOS)")
-    return FusionSource(src, Path(options["oct_src"]), seed=options.get("seed", 0))
+        raise ValueError(
+            f"{name}: --oct-src (the Kermany folder or archive) is required beside --src (APTOS)"
+        )
+    return FusionSource(
+        src, Path(options["oct_src"]), seed=options.get("seed", 0), joint=name == "fusion_multiclass"
+    )

@@ -1,6 +1,9 @@
 """Fundus (APTOS) + OCT (Kermany) **virtual pairs**: images of different patients, paired only by
 normal vs disease. Not a paired clinical dataset; every report of it says so.
 
+Two tasks over the same pairs: ``fusion`` (normal vs disease) and ``fusion_multiclass`` (the
+fundus's DR grade and the OCT's class, two heads: a row one-hot within each head).
+
 Within each class, fundus and OCT images are shuffled (seeded) and zipped, so every image is used at
 most once. A pair's patient is its OCT patient: the packer's patient split then keeps each Kermany
 patient in one split, and each fundus image (APTOS has one per id) occurs in one pair only.
@@ -20,6 +23,20 @@ from retina_dist.data.sources.kermany import KermanySource
 from retina_dist.data.sources.record import Item, Record, TaskSpec
 
 CLASSES = ("normal", "disease")
+DR_GRADES = ("no_dr", "mild", "moderate", "severe", "proliferative")
+HEADS = {"dr": DR_GRADES, "oct": OCT_CLASSES}
+
+
+def joint_task() -> TaskSpec:
+    return TaskSpec("multihead", tuple(f"{h}:{c}" for h, cs in HEADS.items() for c in cs), HEADS)
+
+
+def joint_label(grade: int, oct_class: int) -> list[int]:
+    row = [0] * (len(DR_GRADES) + len(OCT_CLASSES))
+    row[grade] = row[len(DR_GRADES) + oct_class] = 1
+    return row
+
+
 CAVEAT = "virtual pairs: fundus (APTOS) and OCT (Kermany) come from different patients, paired by class"
 
 
@@ -28,9 +45,14 @@ class FusionSource:
     src: Path  # APTOS
     oct_src: Path  # Kermany
     seed: int = 0
+    joint: bool = False  # the DR grade and the OCT class (two heads) instead of normal vs disease
     name: str = field(init=False, default="fusion_virtual_pairs")
     views: tuple[str, ...] = field(init=False, default=("fundus", "oct"))  # images per sample, in model order
     task: TaskSpec = field(init=False, default=TaskSpec("binary", CLASSES))
+
+    def __post_init__(self) -> None:
+        if self.joint:
+            self.task = joint_task()
 
     def items(self) -> list[Item]:
         fundus = AptosSource(Path(self.src)).items()
@@ -47,7 +69,8 @@ class FusionSource:
             self.unpaired[CLASSES[cls]] = {"fundus": len(f) - n, "oct": len(o) - n}
             for a, b in zip(f[:n], o[:n], strict=True):
                 key = f"pair/{a.key.split('/')[-1]}+{b.key.split('/')[-1]}"
-                out.append(Item(key, f"kermany/{b.patient}", cls, None, (a.ref, b.ref, a.key, b.key)))
+                label = joint_label(int(a.label), int(b.label)) if self.joint else cls
+                out.append(Item(key, f"kermany/{b.patient}", label, None, (a.ref, b.ref, a.key, b.key)))
         return sorted(out, key=lambda it: it.key)
 
     def load(self, item: Item, split: str) -> Record:

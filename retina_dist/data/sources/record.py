@@ -8,13 +8,19 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What the labels mean: ``multiclass`` (an int), ``multilabel`` (a 0/1 list) or ``binary``."""
+    """What the labels mean: ``multiclass`` (an int), ``multilabel`` (a 0/1 list), ``binary``, or
+    ``multihead`` (a 0/1 list, one-hot within each head; ``heads`` names each head's classes, and
+    ``classes`` are ``head:class`` in column order)."""
 
     type: str
     classes: tuple[str, ...]
+    heads: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "classes": list(self.classes)}
+        out: dict[str, Any] = {"type": self.type, "classes": list(self.classes)}
+        if self.heads:
+            out["heads"] = {h: list(c) for h, c in self.heads.items()}
+        return out
 
 
 @dataclass(frozen=True)
