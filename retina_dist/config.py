@@ -159,9 +159,18 @@ class TrainConfig:
     # EMA of the weights (timm's ModelEmaV3) after each step, checkpointed, and evaluated beside the
     # raw weights (metrics key and TensorBoard tags <split>_ema). 0 turns it off; typical 0.9998.
     ema_decay: float = 0.0
+    # DDP: write checkpoints on a background thread; a step then waits only for a CPU copy of the
+    # state. The commit is the same (atomic file, sha256, then ``latest``). DeepSpeed saves stay
+    # synchronous (every rank writes its partition in a collective).
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         _choice("train.strategy", self.strategy, ("ddp", "deepspeed"))
+        if self.async_save and self.strategy != "ddp":
+            raise ConfigError(
+                "train.async_save covers DDP's one-file checkpoints; DeepSpeed writes each rank's "
+                "partition in a collective save, synchronously"
+            )
         _choice("train.amp", self.amp, ("none", "bf16", "fp16"))
         for key in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, key) < 1:

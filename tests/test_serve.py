@@ -221,7 +221,18 @@ def test_upload_in_headless_chromium_shows_probabilities_and_overlay(server, tra
         assert list(shown) == list(p.task.classes)
         np.testing.assert_allclose(list(shown.values()), res.probs, atol=6e-5)  # shown to 4 decimals
         assert predicted == ", ".join(res.predicted)
-        assert width == 2 * p.image_size + 4  # image | gap | overlay, at the model's input size
+        # image | overlay of the upload as the pack would store it (enlarged by whole pixels to at
+        # least MIN_PANEL rows), then the colour bar: not the network's 48 px input
+        from retina_dist.cam.render import MIN_PANEL
+        from retina_dist.data.preprocess import as_packed
+
+        h, w = as_packed(decode(image.read_bytes()), p.max_side).shape[:2]
+        k = -(-MIN_PANEL // h)
+        assert 2 * w * k < width < 2 * w * k + h * k // 4, (width, h, w, k)
+        assert (
+            p.cfg.cam.method == "ig"
+            and "Integrated Gradients" in driver.find_element(By.ID, "overlay-caption").text
+        )
 
         driver.find_element(By.ID, "file-img").send_keys(str(images / "notes.txt"))
         driver.find_element(By.ID, "submit").click()

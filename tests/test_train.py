@@ -109,7 +109,8 @@ def _final_weights(run_dir):
     return load(Checkpointer(run_dir / "checkpoints").latest())["model"]
 
 
-def test_stop_and_resume_equals_uninterrupted_run(shards, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync-save", "async-save"])
+def test_stop_and_resume_equals_uninterrupted_run(shards, tmp_path, async_save):
     common = [
         "--nproc",
         "2",
@@ -121,10 +122,15 @@ def test_stop_and_resume_equals_uninterrupted_run(shards, tmp_path):
         "optim.lr=3e-3",
     ]
     run_cli("train", "--run-dir", str(tmp_path / "full"), *common)
-    # ~259 train samples / (2 ranks x 16) = 8 steps an epoch: stop mid-epoch 0, then resume.
-    run_cli("train", "--run-dir", str(tmp_path / "cut"), *common, "train.max_steps=3")
-    assert load(Checkpointer(tmp_path / "cut" / "checkpoints").latest())["state"]["batches_done"] == 3
-    proc = run_cli("train", "--run-dir", str(tmp_path / "cut"), *common)
+    # ~259 train samples / (2 ranks x 16) = 8 steps an epoch: stop mid-epoch 0, then resume. With
+    # train.async_save the cut run's checkpoints are written in the background: the same state.
+    cut = [*common, f"train.async_save={str(async_save).lower()}"]
+    proc = run_cli("train", "--run-dir", str(tmp_path / "cut"), *cut, "train.max_steps=3")
+    assert ("the step waited" in proc.stderr) == async_save
+    assert (
+        load(Checkpointer(tmp_path / "cut" / "checkpoints").latest(verify=True))["state"]["batches_done"] == 3
+    )
+    proc = run_cli("train", "--run-dir", str(tmp_path / "cut"), *cut)
     assert "at epoch 0, step 3 (3 batches into the epoch)" in proc.stderr
     full, cut = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "cut")
     for k in full:
@@ -148,8 +154,24 @@ print("second saved", flush=True)
 """
 
 
-def test_checkpoint_killed_mid_save_leaves_previous_loadable(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+_BACKGROUND_SAVER = """
+import sys, time, torch
+from pathlib import Path
+from retina_dist.run.checkpoints import BackgroundSaver, Checkpointer, cpu_copy, save_file
+ck = Checkpointer(sys.argv[1])
+ck.save({"w": torch.ones(4), "step": 1}, step=1)
+print("first saved", flush=True)
+state = cpu_copy({"w": torch.zeros(150_000_000), "step": 2})
+path = Path(sys.argv[1]) / "step-00000002.pt"
+BackgroundSaver().submit(lambda: (save_file(state, path), ck.commit(path)))
+while True:  # training goes on while the second save is written
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.parametrize("script", [_SAVER, _BACKGROUND_SAVER], ids=["sync", "background"])
+def test_checkpoint_killed_mid_save_leaves_previous_loadable(tmp_path, script):
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "first saved"
     deadline = time.time() + 60
     while not list(tmp_path.glob(".step-00000002.pt.*.tmp")):
@@ -164,6 +186,23 @@ def test_checkpoint_killed_mid_save_leaves_previous_loadable(tmp_path):
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(4))
     ck.save({"step": 3}, step=3)  # the next save clears the debris
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_background_save_writes_the_state_as_it_was_and_raises_its_error_at_the_next_wait(tmp_path):
+    from retina_dist.run.checkpoints import BackgroundSaver, cpu_copy, save_file
+
+    w = torch.arange(6.0)
+    state = cpu_copy({"model": {"w": w}, "rng": [torch.tensor([1, 2])], "step": 4})
+    w.add_(100)  # the next step changes the weights: the snapshot does not move
+    saver = BackgroundSaver()
+    saver.submit(lambda: save_file(state, tmp_path / "a.pt"))
+    saver.wait()
+    got = load(tmp_path / "a.pt")
+    assert torch.equal(got["model"]["w"], torch.arange(6.0)) and got["step"] == 4
+    saver.submit(lambda: save_file(state, tmp_path / "missing" / "b.pt"))
+    with pytest.raises(OSError):
+        saver.wait()
+    saver.wait()  # raised once, then clear
 
 
 def test_a_two_process_run_reports_patients_as_recomputed_by_hand(trained, shards):

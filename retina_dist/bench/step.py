@@ -8,6 +8,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -107,6 +108,65 @@ def toolkit(
     return batch * steps / _timed(step, steps)
 
 
+def save_stall(model_name: str, image_size: int, batch: int, device: torch.device) -> dict[str, float]:
+    """What a checkpoint costs the training thread: a synchronous save (write, fsync, sha256,
+    commit) against a background one (the CPU snapshot alone), and how much slower the steps run
+    while the background write goes on. The state is the toolkit's: weights, AdamW moments after
+    one step, scheduler."""
+    import tempfile
+    from pathlib import Path
+
+    from retina_dist.run.checkpoints import BackgroundSaver, Checkpointer, cpu_copy, save_file
+
+    model, x, y = _setup(model_name, image_size, batch, False, False)
+    opt = build_optimizer(model, 1e-4, 0.05)
+    strategy = DDPStrategy(model, opt, warmup_cosine(opt, 1, 10**6, 0.01), DistEnv(), device, "none")
+    cfg = Config()
+    inputs = DeviceInputs(cfg.data.mean, cfg.data.std, 3, device, False)
+    train_step = TrainStep(strategy, Task("multiclass", tuple("abcde")).loss, 1, "none", 1.0)
+    batch_dict = {"image": x, "target": y}
+
+    def step() -> float:
+        started = time.perf_counter()
+        train_step([inputs(batch_dict)])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    step()
+    quiet = [step() for _ in range(3)]
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        ck = Checkpointer(Path(tmp), keep_last=2)
+        started = time.perf_counter()
+        ck.save(strategy.state_dict(), 1)
+        sync = time.perf_counter() - started
+        size = (Path(tmp) / "step-00000001.pt").stat().st_size
+        saver = BackgroundSaver()
+        started = time.perf_counter()
+        state = cpu_copy(strategy.state_dict())
+        path = Path(tmp) / "step-00000002.pt"
+        def write() -> None:
+            save_file(state, path)
+            ck.commit(path)
+
+        saver.submit(write)
+        snapshot = time.perf_counter() - started
+        during = [step()]  # at least one, however fast the write
+        while saver.busy() and len(during) < 50:
+            during.append(step())
+        saver.wait()
+        ck.verify(path)
+    return {
+        "checkpoint_mib": size / 2**20,
+        "sync_save_stall_s": sync,
+        "async_save_stall_s": snapshot,
+        "async_write_s": saver.last_write_s,
+        "step_s": float(np.median(quiet)),
+        "step_s_during_async_write": float(np.median(during)),
+        "steps_during_async_write": len(during),
+    }
+
+
 def _rank(rank: int, world: int, port: int, args: tuple[Any, ...], out: Any) -> None:
     import torch.distributed as dist
 
@@ -198,6 +258,7 @@ def run(
     gc = None
     if grad_ckpt:
         gc = toolkit(model_name, image_size, batch, steps, device, amp, *variant, grad_ckpt=True)
+    stall = save_stall(model_name, image_size, batch, device)
     res = {
         "model": model_name,
         "image_size": image_size,
@@ -251,6 +312,15 @@ def run(
     saved = f"{res['activation_mib_per_image']:.1f} MiB"
     if gc is not None:
         saved += f" ({res['grad_ckpt_activation_mib_per_image']:.1f} MiB with grad checkpointing)"
+    res.update(stall)
+    print(
+        f"checkpoint of {stall['checkpoint_mib']:.0f} MiB: a synchronous save stalls training "
+        f"{stall['sync_save_stall_s']:.3f} s (write, fsync, sha256, commit); train.async_save stalls "
+        f"{stall['async_save_stall_s']:.3f} s (the CPU snapshot), then writes for "
+        f"{stall['async_write_s']:.3f} s in the background, steps taking "
+        f"{stall['step_s_during_async_write']:.3f} s meanwhile ({stall['steps_during_async_write']} steps) "
+        f"against {stall['step_s']:.3f} s"
+    )
     print(
         f"{res['params_m']:.1f}M params: {res['state_gib']:.2f} GiB of fp32 weights, grads and AdamW "
         f"moments; saved for backward {saved} per image (fp32); "

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "measured throughput beside its baselines: data | step | eval | pack | all"
-WHAT = ("data", "step", "eval", "pack")
+HELP = "measured throughput beside its baselines: data | step | eval | pack | all, and scale"
+WHAT = ("data", "step", "eval", "pack")  # what `all` runs; `scale` (minutes to hours) only by name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=(*WHAT, "all"), help="which measurement (all: each in turn)")
+    p.add_argument("what", choices=(*WHAT, "all", "scale"), help="which measurement (all: each but scale)")
     p.add_argument("--out", default="runs/bench", help="folder for <what>.json")
     p.add_argument("--work", help="scratch folder for generated images and shards (default: <out>/work)")
     p.add_argument("--n", type=int, default=64, help="images generated for data/pack (eval: 4x)")
@@ -28,10 +28,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="step: NHWC model and inputs, both loops")
     p.add_argument("--compile", action="store_true", help="step: torch.compile the model, both loops")
     p.add_argument(
-        "--grad-checkpointing", action="store_true",
+        "--grad-checkpointing",
+        action="store_true",
         help="step: also the toolkit step with grad checkpointing",
     )
     p.add_argument("--workers", type=int, nargs="*", help="data: loader worker counts (default 1..cores)")
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[1000],
+        help="scale: dataset sizes (Kermany's training set is 84484)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +81,10 @@ def measure(what: str, args: argparse.Namespace, work: Path) -> dict:
             args.compile,
             args.grad_checkpointing,
         )
+    if what == "scale":
+        from retina_dist.bench import scale
+
+        return scale.run(work / "scale", args.sizes, args.image_size, args.batch)
     from retina_dist.bench import evalpack
 
     if what == "eval":

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import signal
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from retina_dist.engine.step import StepOutput, TrainStep
 from retina_dist.engine.strategy import build_strategy
 from retina_dist.models import build_model
 from retina_dist.models.pretrained import LoadReport
-from retina_dist.run.checkpoints import ResumeError
+from retina_dist.run.checkpoints import BackgroundSaver, ResumeError, cpu_copy, save_file
 from retina_dist.run.folder import RunDir
 from retina_dist.tasks import Task, build_task
 
@@ -140,6 +141,7 @@ class Trainer:
                 self.ema.module, self.env, self.inputs, self.task, d.workers, cfg.train.amp, cfg.eval.tta
             )
         self.ckpt = self.run.checkpointer(cfg.train.keep_last)
+        self.saver = BackgroundSaver() if cfg.train.async_save else None
         self.state = TrainState()
         self._resume()
         self.monitor = Monitor(
@@ -178,6 +180,7 @@ class Trainer:
                 outcome = self._train_epoch()
                 if outcome != "epoch":
                     self._save()
+                    self._settle_saves()
                     return outcome
                 s.epoch, s.batches_done = s.epoch + 1, 0
                 best = False
@@ -185,12 +188,17 @@ class Trainer:
                 if every and (s.epoch % every == 0 or s.epoch == cfg.train.epochs):
                     best = self._validate(cfg.data.val_split)
                 self._save(best)
+            self._settle_saves()
             for split in cfg.eval.splits:
                 if split != cfg.data.val_split or not cfg.eval.every_epochs:
                     self._validate(split)
             return "done"
         finally:
-            self.monitor.close()
+            try:
+                if self.saver is not None:  # a write in flight ends whole (or its error is raised)
+                    self.saver.wait()
+            finally:
+                self.monitor.close()
 
     def _train_epoch(self) -> str:
         cfg, s = self.cfg, self.state
@@ -335,12 +343,42 @@ class Trainer:
         }
         if self.ema is not None:
             extra["ema"] = self.ema.module.state_dict()
-        path = self.strategy.save(self.ckpt.folder, f"step-{self.state.step:08d}", extra)
+        name = f"step-{self.state.step:08d}"
+        if self.saver is not None:
+            self._save_in_background(name, extra, best)
+            return
+        path = self.strategy.save(self.ckpt.folder, name, extra)
         dist.barrier()  # every rank's part is on disk before the pointer moves
         if self.env.is_main:
             self.ckpt.commit(path, best)
             log.info("checkpoint %s (epoch %d, step %d)", path, self.state.epoch, self.state.step)
         dist.barrier()
+
+    def _save_in_background(self, name: str, extra: dict[str, Any], best: bool) -> None:
+        """DDP's one file, from rank 0: the state copied to CPU now (the only wait), written,
+        hashed and committed on the saver's thread while training goes on."""
+        assert self.saver is not None
+        if not self.env.is_main:
+            return
+        started = time.perf_counter()
+        state = cpu_copy({**self.strategy.state_dict(), **extra})
+        stall = time.perf_counter() - started
+        path = self.ckpt.folder / f"{name}.pt"
+        epoch, step = self.state.epoch, self.state.step
+
+        def write() -> None:
+            save_file(state, path)
+            self.ckpt.commit(path, best)
+            log.info("checkpoint %s (epoch %d, step %d; the step waited %.3f s)", path, epoch, step, stall)
+
+        self.saver.submit(write)
+
+    def _settle_saves(self) -> None:
+        """Every checkpoint of the run on disk and committed, on every rank's word, before a later
+        phase (final evaluation, exit) relies on ``latest``."""
+        if self.saver is not None:
+            self.saver.wait()
+            dist.barrier()
 
     def _resume(self) -> None:
         path = self.ckpt.resumable()

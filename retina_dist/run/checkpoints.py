@@ -14,6 +14,9 @@ import json
 import logging
 import os
 import shutil
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +161,54 @@ class Checkpointer:
             return None
         log.info("resuming from %s", path)
         return load(path)
+
+
+def cpu_copy(obj: Any) -> Any:
+    """``obj`` with every tensor copied to fresh CPU memory: a snapshot later steps cannot change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundSaver:
+    """Writes checkpoints on one background thread, so a step waits only for the snapshot (a CPU
+    copy of the state), not for serialisation, fsync, hashing and commit. The write itself is the
+    same ``save_file`` + ``Checkpointer.commit``: a kill at any instant still leaves ``latest``
+    naming a whole, verified checkpoint. One save at a time: the next one (and ``wait``) first
+    joins the one in flight, and raises its error, if any, there."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_write_s = 0.0
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(write,), name="checkpoint-writer")
+        self._thread.start()
+
+    def _run(self, write: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        try:
+            write()
+        except BaseException as err:  # re-raised on the training thread by wait()
+            self._error = err
+        self.last_write_s = time.perf_counter() - started
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
 
 def save_file(state: dict[str, Any], path: Path) -> Path:

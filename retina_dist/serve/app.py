@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile  # what Request.form() yields (FastAPI's is a subclass)
 
 from retina_dist.cam import render
+from retina_dist.cam.explainers import LABELS
 from retina_dist.data.codec import CorruptImage, decode, encode
 from retina_dist.data.preprocess import as_packed
 from retina_dist.infer.model_card import model_card
@@ -130,7 +131,7 @@ def create_app(predictor: Predictor, max_upload_bytes: int = 20 << 20) -> FastAP
                 "probabilities": probs,
                 "overlay": f"data:image/png;base64,{png}",
                 "overlay_caption": render.safe("-".join(predictor.views))
-                + " | CAM of "
+                + f" | {LABELS.get(predictor.cfg.cam.method, 'CAM')} of "
                 + ", ".join(result.predicted or ["top class"]),
             }
         )

@@ -91,6 +91,10 @@ def aptos(out: Path, n: int, size: int, seed: int, version: str) -> None:
 
 # -- Kermany ------------------------------------------------------------------------------------
 def kermany_layout(out: Path, n: int, size: int, seed: int, version: str) -> None:
+    """Images of ``size`` rows and the real set's widths (512, 768 or 1024 px at its 496 rows), a
+    patient's 1-3 B-scans per class, a fifth of the patients under two classes. The plan (names,
+    labels, widths) is drawn first, in one sequence; the images are a pure function of (seed, index),
+    so drawing them on every core writes the same files as one process."""
     root = {
         "kaggle": out / "OCT2017 ",
         "mendeley-v2": out / "OCT2017",
@@ -100,6 +104,7 @@ def kermany_layout(out: Path, n: int, size: int, seed: int, version: str) -> Non
     splits = ["train", "val", "test"] if version == "kaggle" else ["train", "test"]
     i, patient = 0, 0
     ids = rng.choice(np.arange(100000, 9999999), size=n + 1, replace=False)
+    plan: list[tuple[str, int, int, int]] = []  # (path, index, label, width)
     while i < n:
         split = splits[int(rng.choice(len(splits), p=[0.7, 0.1, 0.2] if len(splits) == 3 else [0.8, 0.2]))]
         pid = int(ids[patient])
@@ -110,12 +115,29 @@ def kermany_layout(out: Path, n: int, size: int, seed: int, version: str) -> Non
             for k in range(1, int(rng.integers(1, 4)) + 1):
                 if i == n:
                     break
-                img = generate("oct", seed, i, size, int(label)).image
-                w = int(rng.choice([size, round(size * 1.5), size * 2]))
-                img = cv2.resize(img, (w, size), interpolation=cv2.INTER_AREA)
+                w = int(
+                    rng.choice([round(size * 512 / 496), round(size * 768 / 496), round(size * 1024 / 496)])
+                )
                 name = kermany.CLASSES[label]
-                _write(root / split / name / f"{name}-{pid}-{k}.jpeg", encode(img, ".jpg"))
+                plan.append((str(root / split / name / f"{name}-{pid}-{k}.jpeg"), i, int(label), w))
                 i += 1
+    jobs = [(seed, size, plan[j : j + 256]) for j in range(0, len(plan), 256)]
+    if len(plan) < 2000:  # a pool's start-up outweighs the work
+        for job in jobs:
+            _write_bscans(job)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool() as pool:
+        for _ in pool.imap_unordered(_write_bscans, jobs):
+            pass
+
+
+def _write_bscans(job: tuple[int, int, list[tuple[str, int, int, int]]]) -> None:
+    seed, size, plan = job
+    for path, i, label, w in plan:
+        img = cv2.resize(generate("oct", seed, i, size, label).image, (w, size), interpolation=cv2.INTER_AREA)
+        _write(Path(path), encode(img, ".jpg", 75))  # ~70 KB at 512 x 496, as the real files
 
 
 # -- OCTMNIST -----------------------------------------------------------------------------------
