@@ -21,7 +21,7 @@ import pytest
 from retina_dist.data.manifest import load_manifest
 from retina_dist.run.checkpoints import Checkpointer
 from tests.conftest import TINY
-from tests.test_slurm import _tail, sbatch, slurm, wait_done  # noqa: F401  (slurm: the fixture)
+from tests.test_slurm import _tail, sbatch, wait_done
 
 
 def _ports(n: int) -> list[int]:
@@ -35,8 +35,16 @@ def _ports(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(slurm):  # noqa: F811
-    """A two-node cluster's slurm.conf path; the daemons stop at the end of the module."""
+def two_nodes():
+    """A two-node cluster's slurm.conf path; the daemons stop at the end of the module. It needs
+    SLURM's binaries, a running munged and root (as .ci/slurm-up.sh), not the one-node cluster's
+    node, which another module's job may still hold."""
+    if shutil.which("slurmctld") is None or subprocess.run(["pgrep", "-x", "munged"]).returncode:
+        if os.environ.get("RETINA_DIST_REQUIRE_SLURM"):
+            pytest.fail(
+                "RETINA_DIST_REQUIRE_SLURM is set but slurmctld or munged is missing (.ci/slurm-up.sh)"
+            )
+        pytest.skip("no SLURM here; `sudo bash .ci/slurm-up.sh` installs it and starts munge")
     if os.geteuid() != 0:
         pytest.skip("starting slurmctld/slurmd needs root (as .ci/slurm-up.sh does)")
     root = Path(tempfile.mkdtemp(prefix="retina-dist-slurm2-"))  # under /tmp: the slurm user can enter it
