@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import shutil
 import threading
 import time
@@ -62,14 +63,35 @@ class PeakRSS:
 
 
 def _pack(src: Path, out: Path, workers: int) -> tuple[float, int]:
+    """Seconds and peak memory of packing ``src``, in a fresh process as `retina-dist pack` runs:
+    forked workers would otherwise copy this process's heap (torch, the last size's stream) page by
+    page and count it as theirs."""
+    import multiprocessing as mp
+
     shutil.rmtree(out, ignore_errors=True)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_pack_here, args=(src, out, workers, results))  # not daemonic: it has workers
+    proc.start()
+    while True:
+        try:
+            took, peak = results.get(timeout=1)
+            break
+        except queue.Empty:
+            if not proc.is_alive():  # its traceback is on stderr
+                raise RuntimeError(f"packing {src} failed (exit {proc.exitcode})") from None
+    proc.join()
+    return took, peak
+
+
+def _pack_here(src: Path, out: Path, workers: int, results: Any) -> None:
     with PeakRSS() as rss:
         started = time.perf_counter()
         pack(
             build_source("kermany", src=src), out, PackOptions(max_side=512), workers=workers, progress=False
         )
         took = time.perf_counter() - started
-    return took, rss.peak
+    results.put((took, rss.peak))
 
 
 def _stream(shards: Path, image_size: int, batch: int, workers: int) -> tuple[int, float]:
