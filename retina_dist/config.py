@@ -143,7 +143,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    strategy: str = "ddp"
+    strategy: str = "ddp"  # ddp | deepspeed (ZeRO 0-2, deepspeed.zero_stage) | fsdp (FSDP2: weights sharded too)
     epochs: int = 5
     batch_size: int = 32  # per rank and micro-step
     accum_steps: int = 1
@@ -165,13 +165,20 @@ class TrainConfig:
     async_save: bool = False
 
     def __post_init__(self) -> None:
-        _choice("train.strategy", self.strategy, ("ddp", "deepspeed"))
+        _choice("train.strategy", self.strategy, ("ddp", "deepspeed", "fsdp"))
         if self.async_save and self.strategy != "ddp":
             raise ConfigError(
-                "train.async_save covers DDP's one-file checkpoints; DeepSpeed writes each rank's "
-                "partition in a collective save, synchronously"
+                "train.async_save covers DDP's one-file checkpoints; DeepSpeed and FSDP write each "
+                "rank's partition in a collective save, synchronously"
             )
         _choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+        if self.strategy == "fsdp" and self.amp == "fp16":
+            raise ConfigError("train.strategy=fsdp takes train.amp=bf16 or none, not fp16")
+        if self.strategy == "fsdp" and self.ema_decay:
+            raise ConfigError(
+                "train.ema_decay with train.strategy=fsdp: the EMA would be a full replica of the "
+                "weights on every rank, which sharding exists to avoid"
+            )
         for key in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'train.{key}': must be >= 1, got {getattr(self, key)}")

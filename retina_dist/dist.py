@@ -90,7 +90,7 @@ def device_for(env: DistEnv) -> torch.device:
 
 
 def init(backend: str = "auto", timeout_s: int = 900, single_group: bool = False) -> DistEnv:
-    """Join the process group. ``single_group`` makes a one-process group too (DeepSpeed needs one)."""
+    """Join the process group. ``single_group`` makes a one-process group too (DeepSpeed, FSDP need one)."""
     env = discover()
     if not env.distributed and single_group and not dist.is_initialized():
         import socket
@@ -154,6 +154,15 @@ class LaggedAgreement:
         t, work = pending
         work.wait()
         return bool(t.item())
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (one blocking all-reduce)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def gather_objects(obj: Any) -> list[Any]:

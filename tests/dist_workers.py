@@ -87,6 +87,16 @@ def run(fn, *args, world: int = 2) -> None:
 __all__ = ["accumulation", "exact_once_eval", "run", "Path"]
 
 
+def _full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole (FSDP's sharded ones all-gathered), as fp32 copies."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone()
+        for n, p in module.named_parameters()
+    }
+
+
 def strategy_steps(
     rank: int, world: int, port: int, strategy: str, stage: int, micro: int, accum: int, steps: int, out: str
 ) -> None:
@@ -120,8 +130,9 @@ def strategy_steps(
         x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g)
         train_step((x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]) for i in range(accum))
     s.check_finite()
+    params = _full_params(s.module)  # collective under FSDP: every rank joins
     if rank == 0:
-        torch.save({n: p.detach().float().clone() for n, p in s.module.named_parameters()}, out)
+        torch.save(params, out)
     dist.barrier()
     dist.destroy()
     # Once (in 4 CI runs) a DeepSpeed rank aborted in C++ teardown at interpreter exit ("terminate
@@ -172,11 +183,12 @@ def strategy_roundtrip(rank: int, world: int, port: int, strategy: str, stage: i
     )
     step_a(data(2))
     step_b(data(2))
+    params_a, params_b = _full_params(a.module), _full_params(b.module)
     if rank == 0:
         torch.save(
             {
-                "a": {n: p.detach().float().clone() for n, p in a.module.named_parameters()},
-                "b": {n: p.detach().float().clone() for n, p in b.module.named_parameters()},
+                "a": params_a,
+                "b": params_b,
                 "lr": (a.scheduler.get_last_lr(), b.scheduler.get_last_lr()),
             },
             out,

@@ -1,10 +1,10 @@
-"""``retina-dist consolidate``: a run's latest checkpoint (ZeRO shards too) as one plain state dict."""
+"""``retina-dist consolidate``: a run's latest checkpoint (ZeRO or FSDP shards too) as one state dict."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "a run's latest checkpoint (ZeRO shards too) -> one plain state dict"
+HELP = "a run's latest checkpoint (ZeRO or FSDP shards too) -> one plain state dict"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

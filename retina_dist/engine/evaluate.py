@@ -4,6 +4,10 @@ Each rank runs its own shards with no collective inside the loop (ranks may hold
 samples; nothing is padded or repeated), on the unwrapped module so no DDP hook waits on another
 rank. One gather at the end unites (key, target, probabilities); rank 0 checks the keys against the
 manifest count and fails loudly on a missing or duplicated sample.
+
+A sharded module (FSDP) cannot run alone: each forward all-gathers its weights with the other ranks.
+It is evaluated in ``lockstep``: a rank whose shards are done forwards a one-image stand-in, whose
+result is dropped, until every rank is done. Still each sample is predicted once.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,15 +61,41 @@ class Evaluator:
         workers: int,
         amp: str = "none",
         tta: bool = False,
+        lockstep: bool = False,
     ) -> None:
         self.module, self.env, self.inputs, self.task = module, env, inputs, task
         self.workers, self.amp, self.tta = workers, amp, tta
+        self.lockstep = lockstep and env.distributed
+
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.inputs.device, self.amp):
+            p = self.task.probabilities(self.module(x))
+            if self.tta:
+                p = (p + self.task.probabilities(self.module(x.flip(-1)))) / 2
+        return p
+
+    def _in_lockstep(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """This rank's batches, with a stand-in forward for each step other ranks still take."""
+        first = next(batches, None)
+        shapes = [s for s in dist.gather_objects(None if first is None else tuple(first[0].shape[1:])) if s]
+        if not shapes:
+            return
+        stand_in = torch.zeros((1, *shapes[0]), device=self.inputs.device)
+        item = first
+        while dist.any_rank(item is not None, self.inputs.device):
+            if item is None:
+                self._probabilities(stand_in)
+            else:
+                yield item
+            item = next(batches, None)
 
     @torch.no_grad()
     def predict(self, spec: StreamSpec) -> Predictions | None:
         """Predictions for the whole split on rank 0 (None elsewhere); ``tta`` averages the
         probabilities of each image and its horizontal flip."""
-        module, task = self.module, self.task
+        module = self.module
         was_training = module.training
         module.eval()
         keys: list[str] = []
@@ -72,11 +103,9 @@ class Evaluator:
         targets, probs = [], []
         loader = make_loader(spec, self.env.rank, self.env.world_size, self.workers)
         feeder = DeviceFeeder(loader, self.inputs)
-        for x, y, batch_keys in feeder:
-            with autocast(self.inputs.device, self.amp):
-                p = task.probabilities(module(x))
-                if self.tta:
-                    p = (p + task.probabilities(module(x.flip(-1)))) / 2
+        batches = self._in_lockstep(iter(feeder)) if self.lockstep else iter(feeder)
+        for x, y, batch_keys in batches:
+            p = self._probabilities(x)
             keys += batch_keys
             patients += feeder.patients
             targets.append(y.cpu())

@@ -21,10 +21,10 @@ class NonFiniteError(FloatingPointError):
 
 
 class Strategy(Protocol):
-    """How a model is wrapped, stepped and saved across processes (DDP, DeepSpeed)."""
+    """How a model is wrapped, stepped and saved across processes (DDP, DeepSpeed, FSDP)."""
 
     model: nn.Module  # what the forward goes through (a DDP wrapper, a DeepSpeed engine)
-    module: nn.Module  # the plain model inside
+    module: nn.Module  # the model inside (with FSDP, itself sharded: its forward is collective)
     optimizer: Any
     scheduler: Any
 
@@ -171,4 +171,8 @@ def build_strategy(
             cfg.optim.max_grad_norm,
             cfg.deepspeed.zero_stage,
         )
+    if t.strategy == "fsdp":
+        from retina_dist.engine.fsdp_strategy import FSDPStrategy
+
+        return FSDPStrategy(model, optimizer, scheduler, env, device, t.amp)
     raise ValueError(f"unknown strategy {t.strategy!r}")

@@ -79,7 +79,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.env = dist.init(
-            cfg.dist.backend, cfg.dist.timeout_s, single_group=cfg.train.strategy == "deepspeed"
+            cfg.dist.backend, cfg.dist.timeout_s, single_group=cfg.train.strategy in ("deepspeed", "fsdp")
         )
         self.run = RunDir(cfg.run_dir)
         setup_logging(self.run.log_path, self.env.rank)
@@ -129,7 +129,14 @@ class Trainer:
             d.mean, d.std, d.in_chans, self.device, cfg.model.channels_last, erase=d.reprob
         )
         self.evaluator = Evaluator(
-            self.strategy.module, self.env, self.inputs, self.task, d.workers, cfg.train.amp, cfg.eval.tta
+            self.strategy.module,
+            self.env,
+            self.inputs,
+            self.task,
+            d.workers,
+            cfg.train.amp,
+            cfg.eval.tta,
+            lockstep=cfg.train.strategy == "fsdp",
         )
         self.ema: Any = None
         self.ema_evaluator: Evaluator | None = None

@@ -235,8 +235,12 @@ def load(path: str | Path) -> dict[str, Any]:
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:
-    """The model state dict of one checkpoint (a file, or a ZeRO folder consolidated)."""
-    return consolidate(path) if path.is_dir() else load(path)["model"]
+    """The model state dict of one checkpoint (a file, or a ZeRO or FSDP folder consolidated)."""
+    if not path.is_dir():
+        return load(path)["model"]
+    from retina_dist.run import sharded
+
+    return sharded.consolidate(path) if sharded.is_sharded(path) else consolidate(path)
 
 
 def consolidate(path: Path) -> dict[str, torch.Tensor]:

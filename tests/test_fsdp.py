@@ -1,0 +1,125 @@
+"""FSDP2 (fully_shard, gloo, 2 real processes) behind the same Strategy and step as DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from retina_dist.run import sharded
+from retina_dist.run.checkpoints import Checkpointer
+from tests import dist_workers
+from tests.conftest import TINY, run_cli
+
+
+def _params(tmp_path, name, *args):
+    out = tmp_path / f"{name}.pt"
+    dist_workers.run(dist_workers.strategy_steps, *args, str(out))
+    return torch.load(out)
+
+
+def test_fsdp_reaches_ddps_parameters_and_accumulates_like_one_big_batch(tmp_path, scratch):
+    ddp = _params(tmp_path, "ddp", "ddp", 0, 8, 1, 3)
+    fsdp = _params(tmp_path, "fsdp", "fsdp", 0, 8, 1, 3)
+    accumulated = _params(tmp_path, "fsdp4x2", "fsdp", 0, 4, 2, 3)
+    assert fsdp.keys() == ddp.keys()
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=2e-5, msg=k)
+        torch.testing.assert_close(accumulated[k], fsdp[k], rtol=1e-4, atol=2e-5, msg=f"4x2: {k}")
+
+
+def test_fsdp_state_dict_round_trip_continues_the_same_run(tmp_path, scratch):
+    out = tmp_path / "rt.pt"
+    dist_workers.run(dist_workers.strategy_roundtrip, "fsdp", 0, str(out))
+    got = torch.load(out)
+    assert got["lr"][0] == got["lr"][1]
+    for name, value in got["a"].items():
+        torch.testing.assert_close(value, got["b"][name], rtol=0, atol=1e-6, msg=name)
+
+
+FSDP = [
+    "--nproc",
+    "2",
+    *TINY,
+    "train.strategy=fsdp",
+    "train.epochs=2",
+    "data.workers=2",
+    "optim.lr=3e-3",
+    "train.deterministic=true",
+]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fsdp") / "full"
+    run_cli("train", "--run-dir", str(run_dir), f"data.shards={shards}", *FSDP)
+    return run_dir
+
+
+def test_fsdp_run_learns_evaluates_once_and_saves_each_ranks_shard(fsdp_run, shards):
+    acc = EventAccumulator(str(fsdp_run / "tb"))
+    acc.Reload()
+    loss = [e.value for e in acc.Scalars("train/loss")]
+    assert np.mean(loss[-2:]) < np.mean(loss[:2])
+    manifest = json.loads((shards / "manifest.json").read_text())
+    metrics = json.loads((fsdp_run / "metrics.json").read_text())
+    assert metrics["val"]["n"] == manifest["splits"]["val"]["count"]
+
+    latest = Checkpointer(fsdp_run / "checkpoints").latest(verify=True)
+    assert latest.is_dir() and latest.name == "step-00000016"
+    meta = sharded.read_meta(latest)
+    assert meta["world_size"] == 2
+    ranks = [torch.load(sharded.rank_file(latest, r), weights_only=True) for r in range(2)]
+    full = sharded.consolidate(latest)
+    # Each rank holds its dim-0 half of every weight, and AdamW's moments for that half only.
+    for key, shape in meta["shapes"].items():
+        halves = [r["model"][key] for r in ranks]
+        assert [h.shape[0] for h in halves] == [len(c) for c in torch.arange(shape[0]).chunk(2)], key
+        assert list(full[key].shape) == shape
+    sizes = [sum(v.numel() for s in r["optimizer"]["state"].values() for v in s.values()) for r in ranks]
+    total = sum(full[k].numel() for k in meta["shapes"])
+    assert abs(sizes[0] - total) / total < 0.05 and abs(sizes[1] - total) / total < 0.05  # 2 moments x half
+
+
+def test_fsdp_interrupted_and_resumed_equals_uninterrupted(fsdp_run, shards, tmp_path):
+    common = ["--run-dir", str(tmp_path / "cut"), f"data.shards={shards}", *FSDP]
+    run_cli("train", *common, "train.max_steps=10")  # 8 steps an epoch: stops inside the second
+    proc = run_cli("train", *common)
+    assert "at epoch 1, step 10 (2 batches into the epoch)" in proc.stderr
+    cut = sharded.consolidate(Checkpointer(tmp_path / "cut" / "checkpoints").latest())
+    full = sharded.consolidate(Checkpointer(fsdp_run / "checkpoints").latest())
+    assert cut.keys() == full.keys()
+    for k in full:
+        torch.testing.assert_close(cut[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_fsdp_resume_on_another_world_size_is_refused_clearly(fsdp_run, shards):
+    args = ["--run-dir", str(fsdp_run), f"data.shards={shards}", *FSDP[2:], "train.epochs=3"]
+    proc = run_cli("train", *args, check=False)
+    assert proc.returncode != 0
+    assert "an FSDP checkpoint of 2 ranks cannot be resumed on 1" in proc.stderr
+
+
+def test_fsdp_run_consolidates_and_evaluates_as_trained(fsdp_run, tmp_path):
+    out = tmp_path / "plain.pt"
+    run_cli("consolidate", "--run-dir", str(fsdp_run), "--out", str(out))
+    plain = torch.load(out, weights_only=True)["model"]
+    import timm
+
+    timm.create_model("resnet10t", num_classes=plain["fc.weight"].shape[0]).load_state_dict(plain)
+    run_cli("eval", "--run-dir", str(fsdp_run), "--weights", str(out))
+
+    def probs(results):
+        with open(results / "predictions" / "val.csv") as fh:
+            return {
+                r["key"]: [float(v) for k, v in r.items() if k.startswith("prob_")]
+                for r in csv.DictReader(fh)
+            }
+
+    a, b = probs(fsdp_run), probs(fsdp_run / "evals" / "val-plain")
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], atol=1e-5)
