@@ -143,7 +143,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    strategy: str = "ddp"  # ddp | deepspeed (ZeRO 0-2, deepspeed.zero_stage) | fsdp (FSDP2: weights sharded too)
+    strategy: str = "ddp"  # ddp | deepspeed (ZeRO 0-2: deepspeed.zero_stage) | fsdp (FSDP2, weights sharded)
     epochs: int = 5
     batch_size: int = 32  # per rank and micro-step
     accum_steps: int = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tests.conftest import run_cli
@@ -158,3 +159,19 @@ def test_bench_scale_at_1k_packs_streams_and_evaluates_kermany_sized_images(tmp_
         shapes.add(img.shape)
     assert shapes <= {(496, 512), (331, 512), (248, 512)} and (496, 512) in shapes
     _positive(res)
+
+
+def test_bench_step_memory_per_strategy_counts_what_each_rank_holds(tmp_path):
+    args = ["--image-size", "32", "--batch", "2", "--steps", "1", "--model", "convnext_atto"]
+    proc = run_cli("bench", "step", "--out", str(tmp_path), *args, "--strategies", "ddp", "fsdp")
+    assert "memory per rank: convnext_atto" in proc.stdout
+    res = json.loads((tmp_path / "step-memory.json").read_text())
+    ddp, fsdp = res["rows"]
+    assert (ddp["strategy"], fsdp["strategy"]) == ("ddp", "fsdp")
+    # Between steps a DDP rank keeps fp32 weights and AdamW's two moments, whole: 12 bytes a parameter;
+    # FSDP's rank keeps its half of each (a few padding rows apart).
+    assert ddp["held_state_mib_per_rank"] == pytest.approx(ddp["params_m"] * 1e6 * 12 / 2**20, rel=1e-4)
+    assert fsdp["held_over_ddp"] == pytest.approx(0.5, abs=0.01)
+    assert fsdp["held_over_ddp"] == fsdp["held_state_mib_per_rank"] / ddp["held_state_mib_per_rank"]
+    for r in res["rows"]:
+        assert r["peak_mib_per_rank"] > 0 and r["step_s"] > 0

@@ -32,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="step: also the toolkit step with grad checkpointing",
     )
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=("ddp", "zero1", "zero2", "fsdp"),
+        help="step: instead of throughput, memory per rank of 2 ranks under each strategy (e.g. on "
+        "vit_large_patch16_224 or convnext_large)",
+    )
     p.add_argument("--workers", type=int, nargs="*", help="data: loader worker counts (default 1..cores)")
     p.add_argument(
         "--sizes",
@@ -49,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.work or out / "work")
     for what in WHAT if args.what == "all" else (args.what,):
         res = measure(what, args, work)
-        print(f"-> {common.write(res, out / f'{what}.json')}\n")
+        name = "step-memory" if what == "step" and args.strategies else what
+        print(f"-> {common.write(res, out / f'{name}.json')}\n")
     return 0
 
 
@@ -67,6 +75,10 @@ def measure(what: str, args: argparse.Namespace, work: Path) -> dict:
             args.max_side,
             args.workers,
         )
+    if what == "step" and args.strategies:
+        from retina_dist.bench import memory
+
+        return memory.run(args.strategies, args.model, args.image_size, args.batch, args.steps, args.amp)
     if what == "step":
         from retina_dist.bench import step
 
