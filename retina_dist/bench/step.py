@@ -116,7 +116,7 @@ def save_stall(model_name: str, image_size: int, batch: int, device: torch.devic
     import tempfile
     from pathlib import Path
 
-    from retina_dist.run.checkpoints import BackgroundSaver, Checkpointer, cpu_copy, save_file
+    from retina_dist.run.checkpoints import BackgroundSaver, Checkpointer
 
     model, x, y = _setup(model_name, image_size, batch, False, False)
     opt = build_optimizer(model, 1e-4, 0.05)
@@ -138,19 +138,16 @@ def save_stall(model_name: str, image_size: int, batch: int, device: torch.devic
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         ck = Checkpointer(Path(tmp), keep_last=2)
         started = time.perf_counter()
-        ck.save(strategy.state_dict(), 1)
+        ck.commit(strategy.save(ck.folder, "step-00000001", {}))
         sync = time.perf_counter() - started
-        size = (Path(tmp) / "step-00000001.pt").stat().st_size
+        size = (ck.folder / "step-00000001.pt").stat().st_size
         saver = BackgroundSaver()
         started = time.perf_counter()
-        state = cpu_copy(strategy.state_dict())
-        path = Path(tmp) / "step-00000002.pt"
-        def write() -> None:
-            save_file(state, path)
-            ck.commit(path)
-
-        saver.submit(write)
+        write = strategy.snapshot(ck.folder, "step-00000002", {})  # what the Trainer's async save does
+        assert write is not None
+        saver.submit(lambda: ck.commit(write()))
         snapshot = time.perf_counter() - started
+        path = ck.folder / "step-00000002.pt"
         during = [step()]  # at least one, however fast the write
         while saver.busy() and len(during) < 50:
             during.append(step())

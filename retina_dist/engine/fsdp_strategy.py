@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -60,14 +61,17 @@ class FSDPStrategy:
     ) -> None:
         if amp == "fp16":
             raise ValueError("train.strategy=fsdp takes amp=bf16 or none (fp16 needs a sharded grad scaler)")
-        model = model.to(device)
         names = {id(p): n for n, p in model.named_parameters()}
         policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16 if amp == "bf16" else None, reduce_dtype=torch.float32
         )
+        # The model stays where it was built: fully_shard moves each unit to the mesh's device as it
+        # shards it, so a GPU never holds more than one unit's full weights beside the shards.
+        mesh = init_device_mesh(device.type, (env.world_size,))
         for unit in shard_units(model):
-            fully_shard(unit, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        model.to(device)  # anything no unit manages (none in timm's models)
         # fully_shard swaps every parameter for a sharded DTensor one; the optimizer (built with its
         # per-parameter groups before) is pointed at the new parameters, by name, while it holds no state.
         if optimizer.state:

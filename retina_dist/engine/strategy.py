@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from retina_dist.config import Config
 from retina_dist.dist import DistEnv
-from retina_dist.run.checkpoints import load, save_file
+from retina_dist.run.checkpoints import cpu_copy, load, save_file
 
 
 class NonFiniteError(FloatingPointError):
@@ -131,6 +131,15 @@ class DDPStrategy:
         if self.env.is_main:
             save_file({**self.state_dict(), **extra}, path)
         return path
+
+    def snapshot(self, folder: Path, name: str, extra: dict[str, Any]) -> Callable[[], Path] | None:
+        """``save`` in two halves: the state copied to CPU now (all a step waits for) and the write
+        of that copy, returned to be run later, on another thread (rank 0; None on the others)."""
+        if not self.env.is_main:
+            return None
+        state = cpu_copy({**self.state_dict(), **extra})
+        path = folder / f"{name}.pt"
+        return lambda: save_file(state, path)
 
     def load(self, path: Path) -> dict[str, Any]:
         state = load(path)

@@ -24,10 +24,10 @@ from retina_dist.engine.monitor import Monitor, setup_logging
 from retina_dist.engine.optim import build_optimizer, effective_lr, warmup_cosine
 from retina_dist.engine.specs import eval_spec, train_spec
 from retina_dist.engine.step import StepOutput, TrainStep
-from retina_dist.engine.strategy import build_strategy
+from retina_dist.engine.strategy import DDPStrategy, build_strategy
 from retina_dist.models import build_model
 from retina_dist.models.pretrained import LoadReport
-from retina_dist.run.checkpoints import BackgroundSaver, ResumeError, cpu_copy, save_file
+from retina_dist.run.checkpoints import BackgroundSaver, ResumeError
 from retina_dist.run.folder import RunDir
 from retina_dist.tasks import Task, build_task
 
@@ -364,21 +364,20 @@ class Trainer:
     def _save_in_background(self, name: str, extra: dict[str, Any], best: bool) -> None:
         """DDP's one file, from rank 0: the state copied to CPU now (the only wait), written,
         hashed and committed on the saver's thread while training goes on."""
-        assert self.saver is not None
-        if not self.env.is_main:
-            return
+        assert self.saver is not None and isinstance(self.strategy, DDPStrategy)  # config checks it
         started = time.perf_counter()
-        state = cpu_copy({**self.strategy.state_dict(), **extra})
+        write = self.strategy.snapshot(self.ckpt.folder, name, extra)
+        if write is None:
+            return
         stall = time.perf_counter() - started
-        path = self.ckpt.folder / f"{name}.pt"
         epoch, step = self.state.epoch, self.state.step
 
-        def write() -> None:
-            save_file(state, path)
+        def commit() -> None:
+            path = write()
             self.ckpt.commit(path, best)
             log.info("checkpoint %s (epoch %d, step %d; the step waited %.3f s)", path, epoch, step, stall)
 
-        self.saver.submit(write)
+        self.saver.submit(commit)
 
     def _settle_saves(self) -> None:
         """Every checkpoint of the run on disk and committed, on every rank's word, before a later
