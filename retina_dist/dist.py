@@ -156,6 +156,16 @@ class LaggedAgreement:
         return bool(t.item())
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running stats) on every rank: the strategies that leave them
+    per rank (DeepSpeed, FSDP) call it before an evaluation or a save, so every rank evaluates the
+    model the checkpoint holds. (Training uses batch statistics, so doing it only there, rather than
+    every step as DDP does, changes nothing.)"""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` is true on any rank (one blocking all-reduce)."""
     if not dist.is_initialized():

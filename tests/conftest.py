@@ -74,6 +74,39 @@ TINY = [
 ]
 
 
+# Two ranks of a TINY run under a sharding strategy (append train.strategy=…); [2:] drops the --nproc.
+TWO_RANKS = [
+    "--nproc", "2", *TINY, "train.epochs=2", "data.workers=2", "optim.lr=3e-3", "train.deterministic=true"
+]
+
+
+def check_consolidated_evaluates_as_trained(run_dir: Path, tmp_path: Path) -> dict:
+    """``consolidate`` a sharded run, evaluate those weights, and compare with the run's own
+    predictions (1e-5); returns the plain state dict."""
+    import csv
+
+    import numpy as np
+    import torch
+
+    out = tmp_path / "plain.pt"
+    run_cli("consolidate", "--run-dir", str(run_dir), "--out", str(out))
+    run_cli("eval", "--run-dir", str(run_dir), "--weights", str(out))
+
+    def probs(results: Path) -> dict:
+        with open(results / "predictions" / "val.csv") as fh:
+            rows = csv.DictReader(fh)
+            return {r["key"]: [float(v) for k, v in r.items() if k.startswith("prob_")] for r in rows}
+
+    evaluated = run_dir / "evals" / "val-plain"  # <split>-<weights file's stem>, apart from the training
+    a, b = probs(run_dir), probs(evaluated)
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], atol=1e-5)
+    import json
+
+    assert json.loads((evaluated / "metrics.json").read_text())["val"]["n"] == len(a)
+    return torch.load(out, weights_only=True)["model"]
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

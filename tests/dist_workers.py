@@ -142,6 +142,12 @@ def strategy_steps(
     os._exit(0)
 
 
+def strategy_params(out: Path, *args: object) -> dict[str, torch.Tensor]:
+    """The parameters ``strategy_steps`` reaches, by way of ``out``."""
+    run(strategy_steps, *args, str(out))
+    return torch.load(out)
+
+
 def strategy_roundtrip(rank: int, world: int, port: int, strategy: str, stage: int, out: str) -> None:
     """Two steps, then the Strategy's state_dict into a second strategy built from another init;
     one more step on each with the same data: both must land on the same parameters."""

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -12,13 +9,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from retina_dist.run.checkpoints import Checkpointer
 from tests import dist_workers
-from tests.conftest import TINY, run_cli
+from tests.conftest import TWO_RANKS, check_consolidated_evaluates_as_trained, run_cli
 
 
 def _params(tmp_path, name, *args):
-    out = tmp_path / f"{name}.pt"
-    dist_workers.run(dist_workers.strategy_steps, *args, str(out))
-    return torch.load(out)
+    return dist_workers.strategy_params(tmp_path / f"{name}.pt", *args)
 
 
 def test_ddp_and_zero_0_1_2_reach_the_same_parameters(tmp_path, scratch):
@@ -37,16 +32,7 @@ def test_deepspeed_accumulation_4x2_equals_8x1(tmp_path, scratch):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
 
 
-DS = [
-    "--nproc",
-    "2",
-    *TINY,
-    "train.strategy=deepspeed",
-    "train.epochs=2",
-    "data.workers=2",
-    "optim.lr=3e-3",
-    "train.deterministic=true",
-]
+DS = [*TWO_RANKS, "train.strategy=deepspeed"]
 
 
 @pytest.fixture(scope="module")
@@ -98,25 +84,10 @@ def test_resume_on_another_world_size_is_refused_clearly(zero2_run, shards):
 
 
 def test_consolidated_weights_load_into_plain_timm_and_predict_the_same(zero2_run, tmp_path):
-    out = tmp_path / "plain.pt"
-    run_cli("consolidate", "--run-dir", str(zero2_run), "--out", str(out))
-    run_cli("eval", "--run-dir", str(zero2_run), "--weights", str(out))
-
-    def probs(results):
-        with open(results / "predictions" / "val.csv") as fh:
-            return {
-                r["key"]: [float(v) for k, v in r.items() if k.startswith("prob_")]
-                for r in csv.DictReader(fh)
-            }
-
-    evaluated = zero2_run / "evals" / "val-plain"  # <split>-<weights file's stem>, apart from the training
-    a, b = probs(zero2_run), probs(evaluated)
-    assert a.keys() == b.keys()
-    np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], atol=1e-5)
-    assert json.loads((evaluated / "metrics.json").read_text())["val"]["n"] == len(a)
+    check_consolidated_evaluates_as_trained(zero2_run, tmp_path)
 
 
-@pytest.mark.parametrize("strategy,stage", [("ddp", 0), ("deepspeed", 1), ("deepspeed", 2)])
+@pytest.mark.parametrize("strategy,stage", [("ddp", 0), ("deepspeed", 1), ("deepspeed", 2), ("fsdp", 0)])
 def test_strategy_state_dict_round_trip_continues_the_same_run(tmp_path, scratch, strategy, stage):
     """Strategy.state_dict / load_state_dict (the protocol both strategies satisfy): a strategy
     restored from another's state and stepped on the same data lands on the same parameters."""

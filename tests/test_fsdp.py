@@ -1,56 +1,32 @@
-"""FSDP2 (fully_shard, gloo, 2 real processes) behind the same Strategy and step as DDP."""
+"""FSDP2 (fully_shard, gloo, 2 real processes) behind the same Strategy and step as DDP (the state
+dict round trip is checked beside the other strategies' in test_deepspeed.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
 import pytest
+import timm
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from retina_dist.run import sharded
 from retina_dist.run.checkpoints import Checkpointer
-from tests import dist_workers
-from tests.conftest import TINY, run_cli
+from tests.conftest import TWO_RANKS, check_consolidated_evaluates_as_trained, run_cli
+from tests.dist_workers import strategy_params
 
-
-def _params(tmp_path, name, *args):
-    out = tmp_path / f"{name}.pt"
-    dist_workers.run(dist_workers.strategy_steps, *args, str(out))
-    return torch.load(out)
+FSDP = [*TWO_RANKS, "train.strategy=fsdp"]
 
 
 def test_fsdp_reaches_ddps_parameters_and_accumulates_like_one_big_batch(tmp_path, scratch):
-    ddp = _params(tmp_path, "ddp", "ddp", 0, 8, 1, 3)
-    fsdp = _params(tmp_path, "fsdp", "fsdp", 0, 8, 1, 3)
-    accumulated = _params(tmp_path, "fsdp4x2", "fsdp", 0, 4, 2, 3)
+    ddp = strategy_params(tmp_path / "ddp.pt", "ddp", 0, 8, 1, 3)
+    fsdp = strategy_params(tmp_path / "fsdp.pt", "fsdp", 0, 8, 1, 3)
+    accumulated = strategy_params(tmp_path / "fsdp4x2.pt", "fsdp", 0, 4, 2, 3)
     assert fsdp.keys() == ddp.keys()
     for k in ddp:
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=2e-5, msg=k)
         torch.testing.assert_close(accumulated[k], fsdp[k], rtol=1e-4, atol=2e-5, msg=f"4x2: {k}")
-
-
-def test_fsdp_state_dict_round_trip_continues_the_same_run(tmp_path, scratch):
-    out = tmp_path / "rt.pt"
-    dist_workers.run(dist_workers.strategy_roundtrip, "fsdp", 0, str(out))
-    got = torch.load(out)
-    assert got["lr"][0] == got["lr"][1]
-    for name, value in got["a"].items():
-        torch.testing.assert_close(value, got["b"][name], rtol=0, atol=1e-6, msg=name)
-
-
-FSDP = [
-    "--nproc",
-    "2",
-    *TINY,
-    "train.strategy=fsdp",
-    "train.epochs=2",
-    "data.workers=2",
-    "optim.lr=3e-3",
-    "train.deterministic=true",
-]
 
 
 @pytest.fixture(scope="module")
@@ -104,22 +80,6 @@ def test_fsdp_resume_on_another_world_size_is_refused_clearly(fsdp_run, shards):
     assert "an FSDP checkpoint of 2 ranks cannot be resumed on 1" in proc.stderr
 
 
-def test_fsdp_run_consolidates_and_evaluates_as_trained(fsdp_run, tmp_path):
-    out = tmp_path / "plain.pt"
-    run_cli("consolidate", "--run-dir", str(fsdp_run), "--out", str(out))
-    plain = torch.load(out, weights_only=True)["model"]
-    import timm
-
+def test_fsdp_run_consolidates_into_plain_timm_and_evaluates_as_trained(fsdp_run, tmp_path):
+    plain = check_consolidated_evaluates_as_trained(fsdp_run, tmp_path)
     timm.create_model("resnet10t", num_classes=plain["fc.weight"].shape[0]).load_state_dict(plain)
-    run_cli("eval", "--run-dir", str(fsdp_run), "--weights", str(out))
-
-    def probs(results):
-        with open(results / "predictions" / "val.csv") as fh:
-            return {
-                r["key"]: [float(v) for k, v in r.items() if k.startswith("prob_")]
-                for r in csv.DictReader(fh)
-            }
-
-    a, b = probs(fsdp_run), probs(fsdp_run / "evals" / "val-plain")
-    assert a.keys() == b.keys()
-    np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], atol=1e-5)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from retina_dist.dist import DistEnv
+from retina_dist.dist import DistEnv, broadcast_buffers
 from retina_dist.engine.strategy import FiniteWatch
 from retina_dist.run.checkpoints import ResumeError
 
@@ -78,12 +78,7 @@ class DeepSpeedStrategy:
         self.engine.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
 
     def sync_buffers(self) -> None:
-        """DeepSpeed leaves BatchNorm running stats per rank; take rank 0's before an evaluation or a save,
-        so every rank evaluates the model the checkpoint holds. (Training uses batch statistics, so
-        doing this only there, rather than every step as DDP does, changes nothing.)"""
-        if self.env.distributed:
-            for buf in self.module.buffers():
-                torch.distributed.broadcast(buf, src=0)
+        broadcast_buffers(self.module)  # DeepSpeed leaves BatchNorm's running stats per rank
 
     def clip_and_step(self, max_norm: float) -> torch.Tensor:
         norm = self.engine.get_global_grad_norm()

@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from retina_dist.dist import DistEnv
+from retina_dist.dist import DistEnv, broadcast_buffers
 from retina_dist.engine.strategy import FiniteWatch
 from retina_dist.run import sharded
 from retina_dist.run.checkpoints import ResumeError, load
@@ -109,11 +109,7 @@ class FSDPStrategy:
         self.finite.check()
 
     def sync_buffers(self) -> None:
-        """FSDP shards parameters only: BatchNorm's running stats stay per rank. Rank 0's are taken
-        before an evaluation or a save, so every rank evaluates the model the checkpoint holds."""
-        if self.env.distributed:
-            for buf in self.module.buffers():
-                torch.distributed.broadcast(buf, src=0)
+        broadcast_buffers(self.module)  # FSDP shards parameters only: buffers stay per rank
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's shards as plain tensors (parameters, AdamW moments), the buffers, the schedule."""
