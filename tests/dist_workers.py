@@ -204,3 +204,45 @@ def strategy_roundtrip(rank: int, world: int, port: int, strategy: str, stage: i
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def fsdp_reshard(rank: int, world: int, port: int, folder: str, phase: str, out: str) -> None:
+    """``save``: two FSDP steps, the checkpoint written to ``folder``; ``load``: a strategy built from
+    another init loads it (on whatever world size this group has). Either way the full weights and
+    AdamW moments, all-gathered, go to ``out`` from rank 0."""
+    _join(rank, world, port)
+    import timm
+    from torch.distributed.tensor import DTensor
+
+    from retina_dist import dist
+    from retina_dist.engine.fsdp_strategy import FSDPStrategy
+    from retina_dist.engine.optim import build_optimizer, warmup_cosine
+    from retina_dist.engine.step import TrainStep
+
+    torch.manual_seed(0 if phase == "save" else 1)
+    model = timm.create_model("convnext_atto", num_classes=3)
+    opt = build_optimizer(model, 1e-3, 0.05)
+    s = FSDPStrategy(model, opt, warmup_cosine(opt, 1, 10, 0.1), dist.discover(), torch.device("cpu"), "none")
+    if phase == "save":
+        step = TrainStep(s, torch.nn.functional.cross_entropy, 1, max_grad_norm=1.0)
+        for i in range(2):
+            g = torch.Generator().manual_seed(1000 * i + rank)
+            step([(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g))])
+        s.save(Path(folder).parent, Path(folder).name, {"note": "extra"})
+        extra = "extra"
+    else:
+        extra = s.load(Path(folder))["note"]
+    full = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()  # noqa: E731
+    names = {p: n for n, p in s.module.named_parameters()}
+    moments = {
+        f"{names[p]}.{k}": full(v)
+        for p, st in s.optimizer.state.items()
+        for k, v in st.items()
+        if k != "step"
+    }
+    got = {"params": _full_params(s.module), "moments": moments, "extra": extra}
+    got["lr"] = s.scheduler.get_last_lr()
+    if rank == 0:
+        torch.save(got, out)
+    dist.barrier()
+    dist.destroy()

@@ -4,6 +4,7 @@ dict round trip is checked beside the other strategies' in test_deepspeed.py).""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from retina_dist.run import sharded
 from retina_dist.run.checkpoints import Checkpointer
+from tests import dist_workers
 from tests.conftest import TWO_RANKS, check_consolidated_evaluates_as_trained, run_cli
 from tests.dist_workers import strategy_params
 
@@ -73,11 +75,28 @@ def test_fsdp_interrupted_and_resumed_equals_uninterrupted(fsdp_run, shards, tmp
         torch.testing.assert_close(cut[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_fsdp_resume_on_another_world_size_is_refused_clearly(fsdp_run, shards):
-    args = ["--run-dir", str(fsdp_run), f"data.shards={shards}", *FSDP[2:], "train.epochs=3"]
-    proc = run_cli("train", *args, check=False)
-    assert proc.returncode != 0
-    assert "an FSDP checkpoint of 2 ranks cannot be resumed on 1" in proc.stderr
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_two_rank_fsdp_checkpoint_resumes_on_another_world_size_exactly(tmp_path, scratch, world):
+    """Weights and AdamW moments cut anew for 1 rank and for 3 (uneven pieces) are the saved ones."""
+    folder = tmp_path / "ckpt" / "step-00000002"
+    dist_workers.run(dist_workers.fsdp_reshard, str(folder), "save", str(tmp_path / "saved.pt"))
+    assert sorted(p.name for p in folder.iterdir()) == ["rank-00000.pt", "rank-00001.pt", sharded.META]
+    dist_workers.run(dist_workers.fsdp_reshard, str(folder), "load", str(tmp_path / "loaded.pt"), world=world)
+    saved, loaded = torch.load(tmp_path / "saved.pt"), torch.load(tmp_path / "loaded.pt")
+    assert loaded["extra"] == "extra" and loaded["lr"] == saved["lr"]
+    assert saved["moments"].keys() == loaded["moments"].keys() and len(saved["moments"]) > 0
+    for kind in ("params", "moments"):
+        for k, v in saved[kind].items():
+            torch.testing.assert_close(loaded[kind][k], v, rtol=0, atol=0, msg=f"{kind} {k}")
+
+
+def test_fsdp_run_resumes_on_one_rank(fsdp_run, shards, tmp_path):
+    shutil.copytree(fsdp_run, tmp_path / "run")
+    args = ["--run-dir", str(tmp_path / "run"), f"data.shards={shards}", *FSDP[2:], "train.epochs=3"]
+    proc = run_cli("train", *args)
+    assert "resumed from step-00000016 at epoch 2, step 16" in proc.stderr
+    latest = Checkpointer(tmp_path / "run" / "checkpoints").latest(verify=True)
+    assert latest.name == "step-00000032" and sharded.read_meta(latest)["world_size"] == 1
 
 
 def test_fsdp_run_consolidates_into_plain_timm_and_evaluates_as_trained(fsdp_run, tmp_path):

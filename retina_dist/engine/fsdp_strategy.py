@@ -166,13 +166,11 @@ class FSDPStrategy:
         return path
 
     def load(self, path: Path) -> dict[str, Any]:
+        """This rank's shards; a checkpoint of another world size is cut anew for this one."""
         saved = sharded.read_meta(path)["world_size"]
-        if saved != self.env.world_size:
-            raise ResumeError(
-                f"{path}: an FSDP checkpoint of {saved} ranks cannot be resumed on {self.env.world_size}; "
-                f"resume with {saved} ranks, or consolidate it (retina-dist consolidate) and start a new run "
-                "from the weights with model.pretrained=…"
-            )
-        state = load(sharded.rank_file(path, self.env.rank))
+        if saved == self.env.world_size:
+            state = load(sharded.rank_file(path, self.env.rank))
+        else:
+            state = sharded.reshard(path, self.env.rank, self.env.world_size)
         self.load_state_dict(state)
         return state

@@ -45,8 +45,7 @@ def is_sharded(folder: Path) -> bool:
     return (folder / META).is_file() and read_meta(folder).get("strategy") == STRATEGY
 
 
-def consolidate(folder: Path) -> dict[str, torch.Tensor]:
-    """The full model state dict of a sharded checkpoint folder."""
+def _rank_states(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from retina_dist.run.checkpoints import load
 
     meta = read_meta(folder)
@@ -54,7 +53,42 @@ def consolidate(folder: Path) -> dict[str, torch.Tensor]:
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: a checkpoint of {meta['world_size']} ranks lacks {missing}")
-    parts = [load(f)["model"] for f in files]
+    return meta, [load(f) for f in files]
+
+
+def _piece(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """What FSDP2 gives ``rank`` of ``world`` of a tensor: its ``torch.chunk`` on dim 0, or no rows."""
+    chunks = full.chunk(world, dim=0)
+    return chunks[rank].clone() if rank < len(chunks) else full.new_empty((0, *full.shape[1:]))
+
+
+def reshard(folder: Path, rank: int, world: int) -> dict[str, Any]:
+    """A checkpoint saved by one number of ranks as ``rank``'s state on ``world`` ranks: every
+    sharded weight and optimizer moment joined and cut again (the run state, the schedule and the
+    buffers from rank 0's file). Each rank reads all the files once, so it briefly holds the full
+    state in host memory."""
+    meta, states = _rank_states(folder)
+    out = dict(states[0])
+    out["model"] = {
+        k: _piece(torch.cat([s["model"][k] for s in states]), rank, world) if k in meta["shapes"] else v
+        for k, v in states[0]["model"].items()
+    }
+    moments: dict[Any, dict[str, Any]] = {}
+    for i, first in states[0]["optimizer"]["state"].items():
+        moments[i] = {
+            k: _piece(torch.cat([s["optimizer"]["state"][i][k] for s in states]), rank, world)
+            if torch.is_tensor(v) and v.dim() > 0
+            else v
+            for k, v in first.items()
+        }
+    out["optimizer"] = {**states[0]["optimizer"], "state": moments}
+    return out
+
+
+def consolidate(folder: Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of a sharded checkpoint folder."""
+    meta, states = _rank_states(folder)
+    parts = [s["model"] for s in states]
     full: dict[str, torch.Tensor] = {}
     for key, first in parts[0].items():
         shape = meta["shapes"].get(key)
