@@ -26,7 +26,7 @@ from retina_dist.data.pack import PackOptions, pack
 from retina_dist.data.sample_format import image_member
 from retina_dist.data.sources import build_source
 from retina_dist.data.stream import StreamSpec, augment_device, make_loader, worker_init
-from retina_dist.data.stream.augment import FusedTrainAugment, build_transform
+from retina_dist.data.stream.augment import build_transform
 from retina_dist.data.stream.buffers import release
 from retina_dist.data.stream.shard_reader import read_samples
 from retina_dist.data.synthetic.layouts import synth
@@ -51,25 +51,19 @@ class BareDecode(IterableDataset):
     """Only the reading and decode of the packed bytes, the ceiling for the stream: the stream's own
     shard reader and decoder call in workers set up as the stream's are (allocator included),
     counted inside the worker, so no pixels cross the process boundary (shipping full decoded frames
-    would measure pickling). With ``warp`` (the output size), also the stream's training warp and
-    colour matrix into one output slot: the ceiling of any loader doing this work in its workers."""
+    would measure pickling)."""
 
-    def __init__(self, shards: list[str], batch: int, warp: int = 0) -> None:
-        self.shards, self.batch, self.warp = shards, batch, warp
+    def __init__(self, shards: list[str], batch: int) -> None:
+        self.shards, self.batch = shards, batch
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = torch.utils.data.get_worker_info()
         mine = self.shards[info.id :: info.num_workers] if info else self.shards
-        augment = FusedTrainAugment(self.warp, True) if self.warp else None
-        slot = np.empty((self.warp, self.warp, 3), np.uint8)
-        draws = FusedTrainAugment.draw(np.random.default_rng(0), 256)[:, 0]
         done = 0
         while True:
             for sample in read_samples(mine):
                 image = sample[image_member(sample, "img", True)]
-                frame = decode(image, bgr=True, pad=augment is not None)  # the stream's call
-                if augment is not None:
-                    augment(frame, draws[done % len(draws)], dst=slot, bgr=True)
+                decode(image, bgr=True)  # the stream's call
                 done += 1
                 if done == self.batch:
                     yield torch.tensor(done)
@@ -118,7 +112,7 @@ def run(
         del base_loader  # its workers would otherwise share the cores with what is timed next
         # The fast loaders are timed `repeats` times, interleaved, and the median kept: the ratios
         # compare like with like even when the machine's speed drifts between measurements.
-        runs: dict[str, list[float]] = {"stream": [], "device": [], "bare": [], "bare_warp": []}
+        runs: dict[str, list[float]] = {"stream": [], "device": [], "bare": []}
         runs.update({name: [] for name in peers.PEERS})
         for _ in range(repeats):
             runs["stream"].append(
@@ -134,21 +128,11 @@ def run(
             )
             runs["bare"].append(rate(iter(bare_loader), int, batches, warm))
             del bare_loader
-            bare_loader = DataLoader(
-                BareDecode(shard_paths, batch, image_size),
-                batch_size=None,
-                num_workers=w,
-                worker_init_fn=worker_init,
-            )
-            runs["bare_warp"].append(rate(iter(bare_loader), int, batches, warm))
-            del bare_loader
             for name in peers.PEERS:
                 batches_of = peers.loader(name, shard_paths, tree, image_size, batch, w)
                 runs[name].append(rate(batches_of, peers.batch_len, batches, warm))
                 del batches_of
-        stream, dev_loader, bare, bare_warp = (
-            statistics.median(runs[k]) for k in ("stream", "device", "bare", "bare_warp")
-        )
+        stream, dev_loader, bare = (statistics.median(runs[k]) for k in ("stream", "device", "bare"))
         peer = {name: statistics.median(runs[name]) for name in peers.PEERS}
         best = max(peer, key=lambda k: peer[k])
         results.append(
@@ -162,8 +146,6 @@ def run(
                 "stream_device_augment_img_s": dev_loader,
                 "baseline_img_s": baseline,
                 "bare_decode_img_s": bare,
-                "bare_decode_warp_img_s": bare_warp,
-                "bare_decode_warp_over_best_peer": bare_warp / peer[best],
                 "stream_over_baseline": stream / baseline,
                 "stream_over_bare_decode": stream / bare,
                 "device_augment_stream_over_bare_decode": dev_loader / bare,
@@ -179,8 +161,6 @@ def run(
                 f"{dev_loader / peer[best]:.2f}",
                 baseline,
                 bare,
-                bare_warp,
-                f"{bare_warp / peer[best]:.2f}",
                 f"{stream / baseline:.2f}",
                 f"{stream / bare:.2f}",
                 f"{dev_loader / bare:.2f}",
@@ -201,8 +181,6 @@ def run(
                 "aug-on-device stream/best peer",
                 "full-res PNG via PIL img/s",
                 "bare decode img/s",
-                "bare decode+warp img/s",
-                "decode+warp/best peer",
                 "stream/PIL",
                 "stream/bare",
                 "aug-on-device stream/bare",
