@@ -16,13 +16,13 @@ def _params(tmp_path, name, *args):
     return dist_workers.strategy_params(tmp_path / f"{name}.pt", *args)
 
 
-def test_ddp_and_zero_0_1_2_reach_the_same_parameters(tmp_path, scratch):
+def test_ddp_zero_0_1_2_and_fsdp_reach_the_same_parameters(tmp_path, scratch):
     ddp = _params(tmp_path, "ddp", "ddp", 0, 8, 1, 3)
-    for stage in (0, 1, 2):
-        ds = _params(tmp_path, f"z{stage}", "deepspeed", stage, 8, 1, 3)
-        assert ds.keys() == ddp.keys()
+    for strategy, stage in (("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("fsdp", 0)):
+        got = _params(tmp_path, f"{strategy}{stage}", strategy, stage, 8, 1, 3)
+        assert got.keys() == ddp.keys()
         for k in ddp:
-            torch.testing.assert_close(ds[k], ddp[k], rtol=1e-4, atol=2e-5, msg=f"stage {stage}: {k}")
+            torch.testing.assert_close(got[k], ddp[k], rtol=1e-4, atol=2e-5, msg=f"{strategy} {stage}: {k}")
 
 
 def test_deepspeed_accumulation_4x2_equals_8x1(tmp_path, scratch):
