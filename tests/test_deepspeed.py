@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from retina_dist.run.checkpoints import Checkpointer
+from retina_dist.run.checkpoints import Checkpointer, consolidate, load_deepspeed
 from tests import dist_workers
 from tests.conftest import TWO_RANKS, check_consolidated_evaluates_as_trained, run_cli
 
@@ -50,11 +55,30 @@ def test_zero2_run_learns_and_checkpoints_as_folders(zero2_run):
     latest = Checkpointer(zero2_run / "checkpoints").latest()
     assert latest.is_dir() and latest.name == "step-00000016"
     assert len(list(latest.rglob("*optim_states.pt"))) == 2  # one ZeRO partition per rank
+    # Joined from the ranks' fp32 partitions, the weights are those of the module DeepSpeed saved whole
+    # (fp32 training): the partition layout is read right.
+    full = consolidate(latest)
+    module = load_deepspeed(latest / "mp_rank_00_model_states.pt")["module"]
+    assert full.keys() == module.keys()
+    for k in module:
+        torch.testing.assert_close(full[k], module[k], rtol=0, atol=0, msg=k)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['TMPDIR']}/pwned",))
+
+
+def test_a_zero_checkpoint_is_read_weights_only_and_a_planted_pickle_refused(zero2_run, tmp_path):
+    folder = tmp_path / "step"
+    shutil.copytree(Checkpointer(zero2_run / "checkpoints").latest(), folder)
+    torch.save({"optimizer_state_dict": _Payload()}, folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    with pytest.raises(pickle.UnpicklingError, match="os.system|posix.system"):
+        consolidate(folder)
+    assert not (Path(os.environ["TMPDIR"]) / "pwned").exists()
 
 
 def test_zero1_interrupted_and_resumed_equals_uninterrupted(shards, tmp_path):
-    from retina_dist.run.checkpoints import consolidate
-
     common = ["--run-dir", str(tmp_path / "cut"), f"data.shards={shards}", *DS, "deepspeed.zero_stage=1"]
     run_cli("train", *common, "train.max_steps=10")  # 8 steps an epoch: stops inside the second
     proc = run_cli("train", *common)

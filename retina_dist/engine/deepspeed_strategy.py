@@ -20,7 +20,7 @@ from torch import nn
 
 from retina_dist.dist import DistEnv, broadcast_buffers
 from retina_dist.engine.strategy import FiniteWatch
-from retina_dist.run.checkpoints import ResumeError
+from retina_dist.run.checkpoints import ResumeError, load_deepspeed
 
 META = "retina_meta.json"
 
@@ -39,6 +39,16 @@ def deepspeed_config(
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def _weights_only_engine(engine: Any) -> Any:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return load_deepspeed(path, map_location)
+
+    return WeightsOnlyCheckpointEngine(engine._config)
 
 
 class DeepSpeedStrategy:
@@ -61,6 +71,8 @@ class DeepSpeedStrategy:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=self.config
         )
+        # DeepSpeed's own loader unpickles anything; its files are read weights_only instead.
+        self.engine.checkpoint_engine = _weights_only_engine(self.engine)
         self.model = self.engine
         self.module: nn.Module = self.engine.module
         self.env = env

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -234,6 +235,18 @@ def load(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_deepspeed(path: str | Path, map_location: Any = "cpu") -> Any:
+    """One file of a DeepSpeed checkpoint, ``weights_only``: beside tensors and builtins it pickles
+    three plain DeepSpeed records (its loss scaler, the ZeRO stage enum, a fragment's address), which
+    are allowed by name, and nothing else. (DeepSpeed's own loader unpickles anything.)"""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def weights_of(path: Path) -> dict[str, torch.Tensor]:
     """The model state dict of one checkpoint (a file, or a ZeRO or FSDP folder consolidated)."""
     if not path.is_dir():
@@ -244,7 +257,26 @@ def weights_of(path: Path) -> dict[str, torch.Tensor]:
 
 
 def consolidate(path: Path) -> dict[str, torch.Tensor]:
-    """A plain fp32 state dict from a ZeRO checkpoint folder (loadable by timm and ``retina-dist eval``)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    """A plain state dict from a DeepSpeed checkpoint folder (loadable by timm and ``retina-dist eval``):
+    the module as saved (buffers, frozen weights), its trainable weights replaced by the fp32 master
+    copy that ZeRO-1/2 partitions across ranks. Each rank's partition of a parameter group is a slice of
+    one flat vector holding the group's parameters in ``param_shapes`` order (with the per-parameter
+    alignment padding the optimizer records), so the ranks' slices are joined and cut by shape."""
+    model = load_deepspeed(path / "mp_rank_00_model_states.pt")
+    full: dict[str, torch.Tensor] = dict(model["module"])
+    rank_of = lambda p: int(p.name.split("_")[3])  # noqa: E731 - zero_pp_rank_<r>_mp_rank_00_optim_states.pt
+    optim = sorted(path.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=rank_of)
+    if not optim:  # ZeRO stage 0: the module is the whole truth
+        return full
+    states = [load_deepspeed(f)["optimizer_state_dict"] for f in optim]
+    paddings = states[0].get("param_alignment_paddings")
+    for g, shapes in enumerate(model["param_shapes"]):
+        flat = torch.cat([s["single_partition_of_fp32_groups"][g] for s in states])
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            n = math.prod(shape)
+            if offset + n > flat.numel():
+                raise CorruptCheckpoint(f"{path}: {name} lies past the end of its group's fp32 partitions")
+            full[name] = flat[offset : offset + n].view(shape).clone()
+            offset += n + (paddings[g][i] if paddings else 0)
+    return full
