@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,22 @@ def cycle(make: Any) -> Iterator[Any]:
 def worker_counts() -> list[int]:
     cores = os.cpu_count() or 1
     return sorted({1, *range(2, cores + 1, max(1, cores // 4))} | {cores})
+
+
+def spawn_ranks(target: Callable[..., None], world: int, *args: Any) -> list[Any]:
+    """Run ``target(rank, world, port, *args, out)`` in ``world`` fresh spawned processes, which meet
+    on a free port of 127.0.0.1 and each ``out.put((rank, value))``; the values in rank order."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.get_context("spawn").Queue()
+    mp.start_processes(target, args=(world, port, *args, out), nprocs=world, start_method="spawn", join=True)
+    got = dict(out.get() for _ in range(world))
+    return [got[r] for r in range(world)]
 
 
 def table(title: str, header: list[str], rows: Iterable[list[Any]]) -> str:

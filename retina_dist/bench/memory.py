@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import os
 import resource
-import socket
 import time
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
-from retina_dist.bench.common import table
+from retina_dist.bench.common import spawn_ranks, table
 
 STRATEGIES: dict[str, tuple[str, int]] = {
     "ddp": ("ddp", 0),
@@ -123,22 +121,11 @@ def _rank(
         dist.destroy()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def measure(
     name: str, model_name: str, image_size: int, batch: int, steps: int, amp: str = "none", world: int = 2
 ) -> list[dict[str, float]]:
     """Each rank's figures for one strategy, from ``world`` fresh spawned processes."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    args = (world, _free_port(), name, model_name, image_size, batch, steps, amp, out)
-    mp.start_processes(_rank, args=args, nprocs=world, start_method="spawn", join=True)
-    got = dict(out.get() for _ in range(world))
-    return [got[r] for r in range(world)]
+    return spawn_ranks(_rank, world, name, model_name, image_size, batch, steps, amp)
 
 
 def run(

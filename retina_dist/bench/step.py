@@ -10,10 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from retina_dist.bench.common import table
+from retina_dist.bench.common import spawn_ranks, table
 from retina_dist.config import Config
 from retina_dist.data.stream.feeder import DeviceInputs
 from retina_dist.dist import DistEnv
@@ -179,16 +178,7 @@ def _rank(rank: int, world: int, port: int, args: tuple[Any, ...], out: Any) -> 
 
 def ranks(world: int, args: tuple) -> float:
     """Total img/s of ``world`` gloo ranks, each on one thread."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    mp.start_processes(_rank, args=(world, port, args, out), nprocs=world, start_method="spawn", join=True)
-    rates = [out.get()[1] for _ in range(world)]
-    return sum(rates)
+    return sum(spawn_ranks(_rank, world, args))
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense

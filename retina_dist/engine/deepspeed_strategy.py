@@ -52,6 +52,7 @@ def _weights_only_engine(engine: Any) -> Any:
 
 
 class DeepSpeedStrategy:
+    sharded_forward = False  # ZeRO 0-2 keep the whole module on every rank
     def __init__(
         self,
         model: nn.Module,

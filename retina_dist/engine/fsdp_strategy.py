@@ -50,6 +50,7 @@ def _local(value: Any) -> Any:
 
 
 class FSDPStrategy:
+    sharded_forward = True
     def __init__(
         self,
         model: nn.Module,

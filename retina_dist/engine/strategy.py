@@ -27,6 +27,9 @@ class Strategy(Protocol):
     module: nn.Module  # the model inside (with FSDP, itself sharded: its forward is collective)
     optimizer: Any
     scheduler: Any
+    # A forward of ``module`` is a collective (its weights are gathered from the ranks): every rank
+    # must run as many, so evaluation goes in lockstep.
+    sharded_forward: bool
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager[None]: ...
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -65,6 +68,8 @@ class FiniteWatch:
 
 class DDPStrategy:
     """Plain DDP (or a lone process): ``no_sync`` on all but the last micro-step, optional GradScaler."""
+
+    sharded_forward = False
 
     def __init__(
         self,

@@ -136,7 +136,7 @@ class Trainer:
             d.workers,
             cfg.train.amp,
             cfg.eval.tta,
-            lockstep=cfg.train.strategy == "fsdp",
+            lockstep=self.strategy.sharded_forward,
         )
         self.ema: Any = None
         self.ema_evaluator: Evaluator | None = None
